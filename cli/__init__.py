@@ -1,0 +1,1 @@
+"""m2y's command line: parses arguments, calls engine/, prints results. Nothing else."""

@@ -1,0 +1,162 @@
+"""``m2y keygen | meta | serve | send`` (and the seed's ``m2y-server`` / ``m2y-client``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from engine import meta
+from engine.client import DEFAULT_TIMEOUT, send_files
+from engine.crc import crc64
+from engine.errors import ConfigError, M2YError
+from engine.keys import DEFAULT_BITS, keygen
+from engine.server import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_FILE_SIZE,
+    DEFAULT_PORT,
+    Server,
+    ServerConfig,
+    serve,
+)
+from engine.users import default_root
+
+
+def _root(args: argparse.Namespace) -> Path:
+    return Path(args.root) if args.root else default_root()
+
+
+def _add_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", help="folder holding one home per user (default: $M2Y_ROOT, else /m2y)")
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    _add_root(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
+    p.add_argument("--max-file-size", type=int, default=DEFAULT_MAX_FILE_SIZE, help="largest file accepted, bytes")
+    p.add_argument("--max-meta", type=int, default=64 * 1024, help="largest metadata envelope, bytes")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+                   help="seconds a client may stay silent mid-transfer")
+
+
+def _add_send(p: argparse.ArgumentParser) -> None:
+    p.add_argument("metas", nargs="+", metavar="META", type=Path, help=".meta files to send")
+    _add_root(p)
+    p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default {DEFAULT_PORT})")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m2y", description="Secure, fast file transfer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("keygen", help="create a user's RSA key pair")
+    p.add_argument("user")
+    _add_root(p)
+    p.add_argument("--bits", type=int, default=DEFAULT_BITS, help=f"RSA key size (default {DEFAULT_BITS})")
+    p.add_argument("--force", action="store_true", help="replace an existing private key")
+
+    p = sub.add_parser("meta", help="write FILE's .meta beside it")
+    p.add_argument("file", type=Path)
+    p.add_argument("--from", dest="sender", required=True)
+    p.add_argument("--to", dest="recipient", required=True)
+    p.add_argument("--folder", required=True, help="relative folder on the recipient's side")
+    _add_root(p)
+
+    _add_serve(sub.add_parser("serve", help="receive files for every user under --root"))
+    _add_send(sub.add_parser("send", help="send .meta files (and the files they name)"))
+    return parser
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    priv, pub = keygen(_root(args), args.user, args.bits, args.force)
+    print(f"wrote {priv} (0600) and {pub}")
+    return 0
+
+
+def cmd_meta(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    crc, size = 0, 0
+    try:
+        with open(path, "rb", buffering=0) as f:
+            buf = memoryview(bytearray(1 << 20))
+            while n := f.readinto(buf):
+                crc = crc64(buf[:n], crc)
+                size += n
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    fields = meta.make(args.sender, args.recipient, args.folder, path.name, size, crc)
+    out = path.with_suffix(".meta") if path.suffix != ".meta" else path.with_name(path.name + ".meta")
+    out.write_bytes(meta.to_json(fields) + b"\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    root = _root(args)
+    if not root.is_dir():
+        raise ConfigError(f"root {root} is not a folder; create users with 'm2y keygen USER --root {root}'")
+    config = ServerConfig(root=root, host=args.host, port=args.port, max_envelope=args.max_meta,
+                          max_file_size=args.max_file_size, idle_timeout=args.idle_timeout)
+
+    def listening(server: Server) -> None:
+        names = ", ".join(sorted(n for n, _ in server.keys.users.values())) or "none yet"
+        print(f"m2y serve: listening on {config.host}:{server.port} (users: {names})", flush=True)
+
+    try:
+        serve(config, listening)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+    print("m2y serve: stopped", flush=True)
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    results = send_files(args.metas, _root(args), args.host, args.port, args.timeout)
+    for r in results:
+        where = f" -> {r.renamed_to.name}" if r.renamed_to else ""
+        if r.ok:
+            rate = r.nbytes / max(r.seconds, 1e-9) / 1e6
+            print(f"{r.meta_path.name}: ACK, {r.nbytes} bytes in {r.seconds:.2f} s ({rate:.1f} MB/s){where}")
+        else:
+            print(f"{r.meta_path.name}: FAILED: {r.message}{where}", file=sys.stderr)
+    return 0 if results and all(r.ok for r in results) else 1
+
+
+COMMANDS = {"keygen": cmd_keygen, "meta": cmd_meta, "serve": cmd_serve, "send": cmd_send}
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return COMMANDS[args.command](args)
+    except M2YError as exc:
+        print(f"m2y {args.command}: {exc.reason}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _run(build_parser().parse_args(argv))
+
+
+def server_main() -> int:
+    """``m2y-server`` = ``m2y serve``."""
+    p = argparse.ArgumentParser(prog="m2y-server", description="= m2y serve")
+    _add_serve(p)
+    args = p.parse_args()
+    args.command = "serve"
+    return _run(args)
+
+
+def client_main() -> int:
+    """``m2y-client`` = ``m2y send``."""
+    p = argparse.ArgumentParser(prog="m2y-client", description="= m2y send")
+    _add_send(p)
+    args = p.parse_args()
+    args.command = "send"
+    return _run(args)

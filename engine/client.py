@@ -1,0 +1,245 @@
+"""The client: reads a .meta, talks to a server through ``protocol.Connection``, streams the file.
+
+The file is read straight into a batch buffer (no intermediate copies), each 64 KiB
+block is sealed into the outgoing region with ``encrypt_into``, the CRC runs over the
+plaintext batch, and the region goes to the socket with ``sock_sendall``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from Crypto.PublicKey import RSA
+
+from . import envelope, meta
+from .blocks import BLOCK_SIZE, TAG_LEN, BlockCipher, block_count
+from .crc import crc64
+from .errors import ConfigError, M2YError, ProtocolError, Refused, RemoteProtocolError
+from .keys import load_private, load_public
+from .protocol import (
+    NEED_DATA,
+    Ack,
+    Blocks,
+    Connection,
+    Envelope,
+    Event,
+    FileCRC,
+    Header,
+    Reply,
+    Role,
+    frames_size,
+)
+from .protocol import Refused as RefusedEvent
+from .users import private_key_path, public_key_path, user_hash
+
+DEFAULT_TIMEOUT = 60.0
+
+
+@dataclass
+class Prepared:
+    """Everything checked locally before connecting."""
+
+    meta_path: Path
+    fields: dict[str, Any]
+    data_path: Path
+    private_key: RSA.RsaKey
+    recipient_key: RSA.RsaKey
+
+
+@dataclass
+class Result:
+    meta_path: Path
+    ok: bool
+    message: str
+    renamed_to: Path | None = None
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+def prepare(meta_path: Path, root: Path) -> Prepared:
+    """Read and check a .meta, its keys and its data file; ConfigError with one line if anything is off."""
+    fields = meta.read_meta_file(meta_path)
+    sender, recipient = fields["from"], fields["to"]
+    private_key = load_private(private_key_path(root, sender))
+    recipient_key = load_public(public_key_path(root, sender, recipient))
+    data_path = meta_path.parent / fields["filename"]
+    try:
+        size = data_path.stat().st_size
+    except FileNotFoundError:
+        raise ConfigError(f"data file {data_path} not found (named by {meta_path.name})") from None
+    if not data_path.is_file():
+        raise ConfigError(f"{data_path} is not a regular file")
+    if size != fields["filesize"]:
+        raise ConfigError(
+            f"{data_path.name} changed since its .meta was written: size {size}, .meta says {fields['filesize']}"
+        )
+    return Prepared(meta_path, fields, data_path, private_key, recipient_key)
+
+
+class _Channel:
+    """One connected socket and its protocol state."""
+
+    def __init__(self, sock: socket.socket, conn: Connection, timeout: float) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()
+
+    async def send(self, event: Event) -> None:
+        for chunk in self.conn.send(event):
+            await self.loop.sock_sendall(self.sock, chunk)
+
+    async def next(self, timeout: float | None = None) -> Event:
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is not NEED_DATA:
+                assert isinstance(event, Event)
+                return event
+            try:
+                n = await asyncio.wait_for(
+                    self.loop.sock_recv_into(self.sock, conn.get_buffer()), timeout or self.timeout
+                )
+            except TimeoutError:
+                raise ConfigError(f"server sent nothing for {timeout or self.timeout:g} s; giving up") from None
+            conn.buffer_updated(n)
+
+
+async def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
+    except ConnectionRefusedError:
+        sock.close()
+        raise ConfigError(f"cannot connect to {host}:{port}: connection refused (is 'm2y serve' running?)") from None
+    except TimeoutError:
+        sock.close()
+        raise ConfigError(f"cannot connect to {host}:{port}: no answer in {timeout:g} s") from None
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _refused(event: Event) -> Refused:
+    if isinstance(event, RefusedEvent):
+        return Refused(f"server refused: {event.reason}", event.code)
+    return Refused(f"server sent {type(event).__name__} unexpectedly", 0)
+
+
+async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_TIMEOUT, batch: int = 16) -> int:
+    """Send one prepared file; returns bytes sent on ACK, raises M2YError otherwise."""
+    fields = p.fields
+    from_hash, to_hash = user_hash(fields["from"]), user_hash(fields["to"])
+    sealed = envelope.seal(p.recipient_key, meta.to_json(fields),
+                           envelope.aad(envelope.REQUEST, from_hash, to_hash))
+    sock = await _connect(host, port, timeout)
+    ch = _Channel(sock, Connection(Role.CLIENT), timeout)
+    try:
+        try:
+            await ch.send(Header(len(sealed), from_hash, to_hash))
+            await ch.send(Envelope(sealed))
+        except OSError:
+            pass  # the server may have refused at once; its reason is what we read next
+        event = await ch.next()
+        if not isinstance(event, Reply):
+            raise _refused(event)
+        plain = envelope.open_(p.private_key, event.envelope, envelope.aad(envelope.REPLY, from_hash, to_hash))
+        filekey, salt = meta.check_reply(fields, plain)
+        cipher = BlockCipher(filekey, salt)
+        filesize = fields["filesize"]
+        ch.conn.set_filesize(filesize)
+        try:
+            crc = await _stream(ch, p.data_path, cipher, filesize, batch)
+            await ch.send(FileCRC(cipher.seal_crc(crc)))
+        except (ConnectionResetError, BrokenPipeError):
+            event = await ch.next(timeout=5)  # the server refused mid-file: say why
+            raise _refused(event) from None
+        event = await ch.next(timeout=max(timeout * 10, 600))  # ACK follows an fsync of the whole file
+        if not isinstance(event, Ack):
+            if crc != fields["fileCRC"]:
+                raise ConfigError(f"{p.data_path.name} changed since its .meta was written: CRC differs")
+            raise _refused(event)
+        ack_size, ack_crc = cipher.open_ack(event.sealed)
+        if (ack_size, ack_crc) != (filesize, crc):
+            raise RemoteProtocolError("ACK names another size or CRC than what was sent")
+        return int(filesize)
+    finally:
+        sock.close()
+
+
+async def _stream(ch: _Channel, path: Path, cipher: BlockCipher, filesize: int, batch: int) -> int:
+    """Read, seal and send every block; return the CRC-64 of the plaintext."""
+    plain = memoryview(bytearray(batch * BLOCK_SIZE))
+    region = memoryview(bytearray(batch * (BLOCK_SIZE + TAG_LEN)))
+    crc = 0
+    total = block_count(filesize)
+    index = 0
+    with open(path, "rb", buffering=0) as f:
+        while index < total:
+            count = min(batch, total - index)
+            want = min(filesize, (index + count) * BLOCK_SIZE) - index * BLOCK_SIZE
+            got = 0
+            while got < want:
+                n = f.readinto(plain[got:want])
+                if not n:
+                    raise ConfigError(f"{path.name} changed since its .meta was written: it got shorter")
+                got += n
+            crc = crc64(plain[:want], crc)
+            out = 0
+            for i in range(count):
+                chunk = plain[i * BLOCK_SIZE : min(want, (i + 1) * BLOCK_SIZE)]
+                cipher.encrypt_into(index + i, chunk, region[out : out + len(chunk) + TAG_LEN])
+                out += len(chunk) + TAG_LEN
+            assert out == frames_size(filesize, index, count)
+            await ch.send(Blocks(index, count, region[:out]))
+            index += count
+    return crc
+
+
+def _final_name(meta_path: Path, suffix: str) -> Path:
+    if meta_path.suffix == ".meta":
+        return meta_path.with_suffix(suffix)
+    return meta_path.with_name(meta_path.name + suffix)
+
+
+def send_files(metas: list[Path], root: Path, host: str, port: int,
+               timeout: float = DEFAULT_TIMEOUT) -> list[Result]:
+    """Send each .meta in turn; rename it .done on ACK, .failed otherwise."""
+
+    async def run() -> list[Result]:
+        results = []
+        for meta_path in metas:
+            started = time.monotonic()
+            try:
+                prepared = prepare(meta_path, root)
+                nbytes = await send_one(prepared, host, port, timeout)
+                ok, message = True, "ACK"
+            except M2YError as exc:
+                ok, message, nbytes = False, exc.reason, 0
+            except OSError as exc:
+                ok, message, nbytes = False, f"I/O error: {exc.strerror or exc}", 0
+            seconds = time.monotonic() - started
+            renamed = None
+            if meta_path.is_file():
+                renamed = _final_name(meta_path, ".done" if ok else ".failed")
+                os.replace(meta_path, renamed)
+            results.append(Result(meta_path, ok, message, renamed, nbytes, seconds))
+        return results
+
+    import uvloop
+
+    results: list[Result] = uvloop.run(run())
+    return results
+
+
+__all__ = ["DEFAULT_TIMEOUT", "ProtocolError", "Result", "prepare", "send_files", "send_one"]

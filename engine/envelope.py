@@ -1,0 +1,59 @@
+"""The metadata envelope: RSA-OAEP(SHA-256) wraps a fresh AES-128 key, AES-128-GCM carries the JSON.
+
+RSA-OAEP alone carries at most ~318 bytes under a 3072-bit key, hence the hybrid.
+Layout (docs/protocol.md §3): rsa_ct (modulus bytes) || nonce (12) || gcm_ct || tag (16).
+The AAD binds the direction and both user hashes, so an envelope cannot be replayed
+in the other direction or for another pair of users.
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+
+from Crypto.Cipher import PKCS1_OAEP
+from Crypto.Hash import SHA256
+from Crypto.PublicKey import RSA
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import RefuseCode, RemoteProtocolError
+
+REQUEST = b"m2y/1 request"
+REPLY = b"m2y/1 reply"
+NONCE_LEN = 12
+TAG_LEN = 16
+KEY_LEN = 16
+
+
+def aad(direction: bytes, from_hash: int, to_hash: int) -> bytes:
+    return direction + struct.pack(">QQ", from_hash, to_hash)
+
+
+def seal(public_key: RSA.RsaKey, plaintext: bytes, associated: bytes) -> bytes:
+    """Encrypt ``plaintext`` so that only the holder of ``public_key``'s private half can read it."""
+    key = secrets.token_bytes(KEY_LEN)
+    nonce = secrets.token_bytes(NONCE_LEN)
+    wrapped = PKCS1_OAEP.new(public_key, hashAlgo=SHA256).encrypt(key)
+    return wrapped + nonce + AESGCM(key).encrypt(nonce, plaintext, associated)
+
+
+def open_(private_key: RSA.RsaKey, envelope: bytes, associated: bytes) -> bytes:
+    """Decrypt an envelope; any failure is one RemoteProtocolError (no oracle on which step failed)."""
+    k = private_key.size_in_bytes()
+    if len(envelope) < k + NONCE_LEN + TAG_LEN:
+        raise RemoteProtocolError(
+            f"envelope of {len(envelope)} bytes is too short for a {k * 8}-bit key",
+            RefuseCode.BAD_ENVELOPE,
+        )
+    try:
+        key = PKCS1_OAEP.new(private_key, hashAlgo=SHA256).decrypt(envelope[:k])
+        if len(key) != KEY_LEN:
+            raise ValueError("wrapped key has the wrong length")
+        nonce = envelope[k : k + NONCE_LEN]
+        return AESGCM(key).decrypt(nonce, envelope[k + NONCE_LEN :], associated)
+    except (ValueError, TypeError, InvalidTag):
+        raise RemoteProtocolError(
+            "cannot decrypt the metadata envelope (wrong key, or not an m2y envelope)",
+            RefuseCode.BAD_ENVELOPE,
+        ) from None

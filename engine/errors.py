@@ -1,0 +1,65 @@
+"""One exception hierarchy, rooted in ``M2YError``.
+
+Every refusal carries a short reason a user can act on. Errors that cross the
+wire also carry a ``RefuseCode`` so the peer can tell them apart (docs/protocol.md §5).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class RefuseCode(enum.IntEnum):
+    """Reason codes of a REFUSED frame (docs/protocol.md §5)."""
+
+    BAD_HEADER = 1
+    UNKNOWN_RECIPIENT = 2
+    UNKNOWN_SENDER = 3
+    BAD_ENVELOPE = 4
+    BAD_METADATA = 5
+    META_CRC = 6
+    UNSAFE_PATH = 7
+    TOO_LARGE = 8
+    NO_SPACE = 9
+    EXISTS = 10
+    BUSY = 11
+    BAD_BLOCK = 12
+    BAD_CRC = 13
+    TIMEOUT = 14
+    INTERNAL = 15
+
+
+class M2YError(Exception):
+    """Root of every error m2y raises on purpose."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConfigError(M2YError):
+    """A local problem the user can fix: a missing key, a bad argument, a malformed .meta."""
+
+
+class ProtocolError(M2YError):
+    """The conversation went wrong; ``code`` is what goes (or came) in a REFUSED frame."""
+
+    def __init__(self, reason: str, code: RefuseCode = RefuseCode.BAD_HEADER) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to do something the protocol forbids (a bug on our side)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something wrong; we refuse with ``code`` and ``reason``."""
+
+
+class Refused(M2YError):
+    """The peer refused the transfer and told us why."""
+
+    def __init__(self, reason: str, code: int) -> None:
+        super().__init__(reason)
+        self.code = code

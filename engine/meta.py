@@ -1,0 +1,185 @@
+"""Transfer metadata: the JSON the sender writes (.meta), checks on it, and the server's reply.
+
+metaCRC is the CRC-64/XZ of the canonical JSON of every other field: keys sorted,
+separators "," and ":", UTF-8, no escaping of non-ASCII (docs/protocol.md §4).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import secrets
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .crc import crc64
+from .errors import ConfigError, RefuseCode, RemoteProtocolError
+from .users import check_user
+
+FIELDS = ("from", "to", "folder", "datetime", "filename", "filesize", "fileCRC", "metaCRC")
+REPLY_FIELDS = (*FIELDS, "filekey", "salt")
+DATETIME_FORMAT = "%d-%m-%Y_%H-%M-%S"
+_DATETIME = re.compile(r"\d{2}-\d{2}-\d{4}_\d{2}-\d{2}-\d{2}\Z")
+U64_MAX = (1 << 64) - 1
+MAX_FOLDER_LEN = 1024
+MAX_FILENAME_LEN = 255
+SALT_LEN = 4
+FILEKEY_LEN = 16
+
+
+def canonical(fields: Mapping[str, Any]) -> bytes:
+    """Canonical JSON of every field except metaCRC."""
+    body = {k: v for k, v in fields.items() if k != "metaCRC"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def meta_crc(fields: Mapping[str, Any]) -> int:
+    return crc64(canonical(fields))
+
+
+def with_crc(fields: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(fields)
+    out["metaCRC"] = meta_crc(out)
+    return out
+
+
+def to_json(fields: Mapping[str, Any]) -> bytes:
+    """The bytes sent in an envelope: the canonical form plus metaCRC, also sorted and compact."""
+    return json.dumps(dict(fields), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def safe_folder(folder: object) -> str:
+    """Return ``folder`` if it is a safe relative path; reasons name exactly what is wrong."""
+    if not isinstance(folder, str) or not folder:
+        raise RemoteProtocolError("folder must be a non-empty string", RefuseCode.UNSAFE_PATH)
+    if "\x00" in folder:
+        raise RemoteProtocolError("folder contains a NUL byte", RefuseCode.UNSAFE_PATH)
+    if len(folder.encode("utf-8", "surrogatepass")) > MAX_FOLDER_LEN:
+        raise RemoteProtocolError(f"folder longer than {MAX_FOLDER_LEN} bytes", RefuseCode.UNSAFE_PATH)
+    if "\\" in folder or any(ord(c) < 32 for c in folder):
+        raise RemoteProtocolError("folder contains a backslash or a control character", RefuseCode.UNSAFE_PATH)
+    if folder.startswith("/"):
+        raise RemoteProtocolError(f"folder {folder!r} is an absolute path", RefuseCode.UNSAFE_PATH)
+    parts = PurePosixPath(folder).parts
+    if any(p in ("..", ".") for p in folder.split("/")):
+        raise RemoteProtocolError(f"folder {folder!r} contains '..' or '.'", RefuseCode.UNSAFE_PATH)
+    if not parts or any(p.startswith(".") for p in parts):
+        raise RemoteProtocolError(f"folder {folder!r} has a hidden component", RefuseCode.UNSAFE_PATH)
+    return "/".join(parts)
+
+
+def _expect(fields: Mapping[str, Any], name: str, kind: type) -> Any:
+    value = fields.get(name)
+    if kind is int:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= U64_MAX:
+            raise RemoteProtocolError(f"metadata field {name!r} must be an integer 0..2^64-1",
+                                      RefuseCode.BAD_METADATA)
+    elif not isinstance(value, kind):
+        raise RemoteProtocolError(f"metadata field {name!r} must be a {kind.__name__}",
+                                  RefuseCode.BAD_METADATA)
+    return value
+
+
+def parse(data: bytes, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Parse and check metadata JSON: exactly FIELDS (+ ``extra``), right types, metaCRC, safe names."""
+    try:
+        fields = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise RemoteProtocolError("metadata is not UTF-8 JSON", RefuseCode.BAD_METADATA) from None
+    if not isinstance(fields, dict):
+        raise RemoteProtocolError("metadata is not a JSON object", RefuseCode.BAD_METADATA)
+    expected = set(FIELDS) | set(extra)
+    if set(fields) != expected:
+        missing = sorted(expected - set(fields))
+        unknown = sorted(set(fields) - expected)
+        raise RemoteProtocolError(f"metadata fields wrong: missing {missing}, unknown {unknown}",
+                                  RefuseCode.BAD_METADATA)
+    for name in ("from", "to", "folder", "datetime", "filename"):
+        _expect(fields, name, str)
+    for name in ("filesize", "fileCRC", "metaCRC"):
+        _expect(fields, name, int)
+    if fields["metaCRC"] != meta_crc(fields):
+        raise RemoteProtocolError("metaCRC does not match the metadata", RefuseCode.META_CRC)
+    for name in ("from", "to"):
+        try:
+            check_user(fields[name])
+        except ConfigError as exc:
+            raise RemoteProtocolError(exc.reason, RefuseCode.BAD_METADATA) from None
+    if not _DATETIME.match(fields["datetime"]):
+        raise RemoteProtocolError("datetime must look like dd-mm-yyyy_HH-MM-SS", RefuseCode.BAD_METADATA)
+    name = fields["filename"]
+    if not name or "/" in name or "\x00" in name or name in (".", "..") or len(name) > MAX_FILENAME_LEN:
+        raise RemoteProtocolError("filename must be a plain base name", RefuseCode.UNSAFE_PATH)
+    fields["folder"] = safe_folder(fields["folder"])
+    return fields
+
+
+def now_string(when: _dt.datetime | None = None) -> str:
+    return (when or _dt.datetime.now()).strftime(DATETIME_FORMAT)
+
+
+def make(
+    sender: str, recipient: str, folder: str, filename: str, filesize: int, file_crc: int,
+    when: _dt.datetime | None = None,
+) -> dict[str, Any]:
+    """Metadata for one file, with metaCRC; checks it the way a server will."""
+    check_user(sender)
+    check_user(recipient)
+    try:
+        safe_folder(folder)
+    except RemoteProtocolError as exc:
+        raise ConfigError(exc.reason) from None
+    fields = {
+        "from": sender, "to": recipient, "folder": folder, "datetime": now_string(when),
+        "filename": filename, "filesize": filesize, "fileCRC": file_crc,
+    }
+    return with_crc(fields)
+
+
+def read_meta_file(path: Path) -> dict[str, Any]:
+    """Read a .meta file; any problem is one ConfigError naming the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such .meta file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return parse(data)
+    except RemoteProtocolError as exc:
+        raise ConfigError(f"{path}: malformed .meta: {exc.reason}") from None
+
+
+def add_reply_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], bytes, bytes]:
+    """The server's reply: a fresh filekey and nonce salt from ``secrets``, metaCRC recomputed."""
+    filekey = secrets.token_bytes(FILEKEY_LEN)
+    salt = secrets.token_bytes(SALT_LEN)
+    reply = dict(fields)
+    reply["filekey"] = filekey.hex()
+    reply["salt"] = salt.hex()
+    return with_crc(reply), filekey, salt
+
+
+def check_reply(sent: Mapping[str, Any], data: bytes) -> tuple[bytes, bytes]:
+    """Check the reply echoes exactly what was sent plus filekey and salt; return (filekey, salt)."""
+    try:
+        fields = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise RemoteProtocolError("reply is not UTF-8 JSON", RefuseCode.BAD_METADATA) from None
+    if not isinstance(fields, dict) or set(fields) != set(REPLY_FIELDS):
+        raise RemoteProtocolError("reply does not carry exactly the expected fields", RefuseCode.BAD_METADATA)
+    if fields["metaCRC"] != meta_crc(fields):
+        raise RemoteProtocolError("reply metaCRC does not match", RefuseCode.META_CRC)
+    for name in FIELDS:
+        if name != "metaCRC" and fields[name] != sent[name]:
+            raise RemoteProtocolError(f"reply changed field {name!r}", RefuseCode.BAD_METADATA)
+    try:
+        filekey = bytes.fromhex(fields["filekey"])
+        salt = bytes.fromhex(fields["salt"])
+    except (TypeError, ValueError):
+        raise RemoteProtocolError("reply filekey/salt are not hex", RefuseCode.BAD_METADATA) from None
+    if len(filekey) != FILEKEY_LEN or len(salt) != SALT_LEN:
+        raise RemoteProtocolError("reply filekey/salt have the wrong length", RefuseCode.BAD_METADATA)
+    return filekey, salt

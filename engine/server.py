@@ -1,0 +1,335 @@
+"""The server: an asyncio adapter that drives ``protocol.Connection`` for each client.
+
+Per connection, one coroutine reads exactly what the connection asks for with
+``sock_recv_into`` (block frames land in a reused batch region, no copies), decrypts
+and CRCs the blocks, and writes plaintext to the .part file. A watchdog closes
+connections idle longer than ``idle_timeout``. Any failure becomes one REFUSED frame
+with a reason, the .part is removed, and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from Crypto.PublicKey import RSA
+
+from . import envelope, meta
+from .blocks import BLOCK_SIZE, BlockCipher
+from .crc import crc64
+from .errors import M2YError, ProtocolError, RefuseCode, RemoteProtocolError
+from .keys import load_private, load_public
+from .protocol import (
+    NEED_DATA,
+    Blocks,
+    Connection,
+    Envelope,
+    Event,
+    FileCRC,
+    Header,
+    Role,
+    frame_offsets,
+    refusal_bytes,
+)
+from .protocol import Ack as AckEvent
+from .protocol import Refused as RefusedEvent
+from .protocol import Reply as ReplyEvent
+from .storage import Incoming, Storage
+from .users import check_user, user_hash
+
+log = logging.getLogger("m2y.server")
+
+DEFAULT_PORT = 8642
+DEFAULT_MAX_FILE_SIZE = 64 * 1024**3  # 64 GiB: the 20 GB files the project is for, with room
+DEFAULT_IDLE_TIMEOUT = 60.0
+
+
+@dataclass
+class ServerConfig:
+    root: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_envelope: int = 64 * 1024
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    batch: int = 16
+
+
+class KeyRing:
+    """Users this server serves (those with a private key under root) and the peers they know."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.users: dict[int, tuple[str, RSA.RsaKey]] = {}
+        self.scan()
+
+    def scan(self) -> None:
+        users = {}
+        if self.root.is_dir():
+            for home in sorted(self.root.iterdir()):
+                try:
+                    name = check_user(home.name)
+                except M2YError:
+                    continue
+                path = home / "privateKey" / f"{name}.data"
+                if path.is_file():
+                    users[user_hash(name)] = (name, load_private(path))
+        self.users = users
+
+    def recipient(self, to_hash: int) -> tuple[str, RSA.RsaKey]:
+        if to_hash not in self.users:
+            self.scan()  # a user may have been added since start
+        try:
+            return self.users[to_hash]
+        except KeyError:
+            raise RemoteProtocolError(
+                f"no user with hash {to_hash:016x} on this server", RefuseCode.UNKNOWN_RECIPIENT
+            ) from None
+
+    def sender(self, recipient: str, from_hash: int) -> tuple[str, RSA.RsaKey]:
+        """The public key ``recipient`` holds for the user whose hash is ``from_hash``."""
+        directory = self.root / recipient / "pubKey"
+        for path in sorted(directory.glob("*.data")) if directory.is_dir() else []:
+            name = path.name[: -len(".data")]
+            try:
+                check_user(name)
+            except M2YError:
+                continue
+            if user_hash(name) == from_hash:
+                return name, load_public(path)
+        raise RemoteProtocolError(
+            f"{recipient} has no public key for sender hash {from_hash:016x}; "
+            f"copy the sender's key into {recipient}/pubKey/",
+            RefuseCode.UNKNOWN_SENDER,
+        )
+
+
+class _Timeout(Exception):
+    pass
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.keys = KeyRing(config.root)
+        self.storage = Storage(config.root, config.max_file_size)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listener: socket.socket | None = None
+        self.port = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def listen(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.host, self.config.port))
+        sock.listen(128)
+        sock.setblocking(False)
+        self._listener = sock
+        self.port = sock.getsockname()[1]
+        return sock
+
+    async def serve_forever(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        listener = self._listener or self.listen()
+        accept = asyncio.ensure_future(self._accept_loop(listener))
+        await stop.wait()
+        accept.cancel()
+        listener.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(accept, *self._tasks, return_exceptions=True)
+        del loop
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as exc:  # e.g. EMFILE: keep serving the connections we have
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            sock.setblocking(False)
+            task = asyncio.ensure_future(self._handle(sock, addr))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # -- one connection ----------------------------------------------------------------------
+
+    async def _handle(self, sock: socket.socket, addr: Any) -> None:
+        conn = Connection(Role.SERVER, max_envelope=self.config.max_envelope, batch=self.config.batch)
+        session = _Session(self, sock, conn)
+        try:
+            await session.run()
+        finally:
+            sock.close()
+
+
+class _Session:
+    """The server side of one transfer."""
+
+    def __init__(self, server: Server, sock: socket.socket, conn: Connection) -> None:
+        self.server = server
+        self.sock = sock
+        self.conn = conn
+        self.loop = asyncio.get_running_loop()
+        self.last_rx = self.loop.time()
+        self.incoming: Incoming | None = None
+        self.label = "?"
+        self.started = time.monotonic()
+        self.timed_out = False
+
+    async def run(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._watchdog = self.loop.call_later(self._idle(), self._check_idle)
+        outcome = "?"
+        try:
+            await self._transfer()
+            outcome = "ACK"
+        except ProtocolError as exc:
+            outcome = f"REFUSED {exc.code.name}: {exc.reason}"
+            await self._refuse(exc.code, exc.reason)
+        except asyncio.CancelledError:
+            if not self.timed_out:
+                outcome = "CANCELLED (server stopping)"
+                raise
+            reason = f"idle for {self.server.config.idle_timeout:g} s"
+            outcome = f"REFUSED TIMEOUT: {reason}"
+            await self._refuse(RefuseCode.TIMEOUT, reason)
+        except M2YError as exc:
+            outcome = f"REFUSED INTERNAL: {exc.reason}"
+            await self._refuse(RefuseCode.INTERNAL, exc.reason)
+        except OSError as exc:
+            outcome = f"FAILED: {exc.strerror or exc}"
+            await self._refuse(RefuseCode.INTERNAL, f"server I/O error: {exc.strerror or exc}")
+        except Exception as exc:  # the server survives any client; log the bug
+            log.exception("internal error")
+            outcome = f"FAILED: internal error {type(exc).__name__}"
+            await self._refuse(RefuseCode.INTERNAL, "internal server error")
+        finally:
+            self._watchdog.cancel()
+            if self.incoming is not None and not self.incoming.done:
+                self.incoming.abort()
+            self._log(outcome)
+
+    def _idle(self) -> float:
+        return self.server.config.idle_timeout
+
+    def _check_idle(self) -> None:
+        idle = self.loop.time() - self.last_rx
+        if idle >= self._idle():
+            self.timed_out = True
+            self._task.cancel()
+        else:
+            self._watchdog = self.loop.call_later(self._idle() - idle, self._check_idle)
+
+    def _log(self, outcome: str) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        nbytes = self.incoming.written if self.incoming else 0
+        log.info("%s %d B %.2f s %.1f MB/s %s", self.label, nbytes, elapsed, nbytes / elapsed / 1e6, outcome)
+
+    async def _refuse(self, code: RefuseCode, reason: str) -> None:
+        try:
+            data = b"".join(self.conn.send(RefusedEvent(int(code), reason)))
+        except ProtocolError:
+            # The connection is in ERROR (the client broke the protocol): say why all the same.
+            data = refusal_bytes(int(code), reason)
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(self.loop.sock_sendall(self.sock, data), 5)
+
+    async def _next(self) -> Event:
+        """Receive until the connection yields an event."""
+        conn, sock, loop = self.conn, self.sock, self.loop
+        while True:
+            event = conn.next_event()
+            if event is not NEED_DATA:
+                assert isinstance(event, Event)
+                return event
+            n = await loop.sock_recv_into(sock, conn.get_buffer())
+            self.last_rx = loop.time()
+            conn.buffer_updated(n)
+
+    async def _transfer(self) -> None:
+        conn, cfg = self.conn, self.server.config
+        header = await self._next()
+        assert isinstance(header, Header)
+        recipient, private_key = self.server.keys.recipient(header.to_hash)
+        sender, public_key = self.server.keys.sender(recipient, header.from_hash)
+        self.label = f"{sender} -> {recipient}"
+        env = await self._next()
+        assert isinstance(env, Envelope)
+        plain = envelope.open_(private_key, env.data,
+                               envelope.aad(envelope.REQUEST, header.from_hash, header.to_hash))
+        fields = meta.parse(plain)
+        if fields["from"] != sender or fields["to"] != recipient:
+            raise RemoteProtocolError("metadata from/to do not match the header's user hashes",
+                                      RefuseCode.BAD_METADATA)
+        self.label = f"{sender} -> {recipient} {fields['folder']}/{sender}_{fields['datetime']}.data"
+        self.incoming = incoming = self.server.storage.begin(fields)
+        reply, filekey, salt = meta.add_reply_fields(fields)
+        sealed = envelope.seal(public_key, meta.to_json(reply),
+                               envelope.aad(envelope.REPLY, header.from_hash, header.to_hash))
+        filesize = fields["filesize"]
+        conn.set_filesize(filesize)
+        await self.loop.sock_sendall(self.sock, b"".join(conn.send(ReplyEvent(sealed))))
+        self.started = time.monotonic()
+
+        cipher = BlockCipher(filekey, salt)
+        plainbuf = memoryview(bytearray(cfg.batch * BLOCK_SIZE))
+        crc = 0  # CRC-64/XZ of nothing; crc64() continues from it
+        while True:
+            event = await self._next()
+            if isinstance(event, Blocks):
+                pos = 0
+                for index, offset, size in frame_offsets(filesize, event.first, event.count):
+                    out = plainbuf[pos : pos + size - 16]
+                    cipher.decrypt_into(index, event.data[offset : offset + size], out)
+                    pos += size - 16
+                crc = crc64(plainbuf[:pos], crc)
+                incoming.write(plainbuf[:pos])
+            elif isinstance(event, FileCRC):
+                break
+        claimed = cipher.open_crc(event.sealed)
+        actual = crc
+        if claimed != actual:
+            raise RemoteProtocolError(
+                f"file CRC mismatch: client says {claimed:016x}, received bytes give {actual:016x}",
+                RefuseCode.BAD_CRC,
+            )
+        if actual != fields["fileCRC"]:
+            raise RemoteProtocolError(
+                f"file CRC {actual:016x} differs from the metadata's fileCRC {fields['fileCRC']:016x} "
+                "(file changed after its .meta was written?)",
+                RefuseCode.BAD_CRC,
+            )
+        self._watchdog.cancel()  # fsync of a large file may take longer than the idle timeout
+        await self.loop.run_in_executor(None, incoming.commit)
+        await self.loop.sock_sendall(self.sock, b"".join(conn.send(AckEvent(cipher.seal_ack(filesize, actual)))))
+
+
+def serve(config: ServerConfig, on_listening: Any = None) -> None:
+    """Run a server until SIGINT or SIGTERM; ``on_listening(server)`` is called once bound."""
+    import uvloop
+
+    async def main() -> None:
+        server = Server(config)
+        server.listen()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if on_listening is not None:
+            on_listening(server)
+        await server.serve_forever(stop)
+
+    uvloop.run(main())
