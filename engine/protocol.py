@@ -140,6 +140,7 @@ TRANSITIONS: dict[Role, dict[State, dict[type[Event], State]]] = {
         State.CRC: {FileCRC: State.ACK},
     },
     _S: {
+        State.HEADER: {Refused: State.CLOSED},
         State.ENVELOPE: {Refused: State.CLOSED},
         State.REPLY: {Reply: State.DATA, Refused: State.CLOSED},
         State.DATA: {Refused: State.CLOSED},

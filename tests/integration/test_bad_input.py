@@ -1,0 +1,295 @@
+"""Bad input against a real server process: a clear refusal, nothing lost, and the server goes on serving."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import envelope, meta
+from engine.blocks import BLOCK_SIZE, TAG_LEN
+from engine.crc import crc64
+from engine.errors import RefuseCode
+from engine.keys import load_public
+from engine.protocol import Envelope, FileCRC, Header
+from engine.users import public_key_path, user_hash
+
+from .helpers import (
+    RawClient,
+    ServerProcess,
+    handshake,
+    make_file,
+    run_send,
+    sealed_frames,
+    sealed_request,
+    start_server,
+    target,
+    wait_until,
+)
+
+
+def assert_still_serves(root: Path, server: ServerProcess, size: int = 100_000) -> None:
+    assert server.alive()
+    data, meta_path = make_file(root, size, name=f"ok{time.monotonic_ns()}.bin")
+    result = run_send(root, server.port, meta_path)
+    assert result.returncode == 0, result.stderr
+    fields = meta.read_meta_file(meta_path.with_suffix(".done"))
+    assert target(root, fields).read_bytes() == data.read_bytes()
+
+
+def fields_for(size: int = 1000, **changes: Any) -> dict[str, Any]:
+    payload = os.urandom(size)
+    fields = meta.make("zhenqiang", "roland-frei", "photo", "x.bin", size, crc64(payload))
+    fields.update(changes)
+    return meta.with_crc(fields)
+
+
+def refuse_after_request(root: Path, server: ServerProcess, fields: dict[str, Any]) -> tuple[int, str]:
+    fh, th, env = sealed_request(root, fields)
+    with RawClient(server.port) as c:
+        c.send_event(Header(len(env), fh, th))
+        c.send_event(Envelope(env))
+        return c.read_refusal()
+
+
+def no_files_for(root: Path, fields: dict[str, Any]) -> bool:
+    return not any(target(root, fields, s).exists() for s in (".data", ".part", ".meta"))
+
+
+# -- header and envelope ------------------------------------------------------------------------
+
+
+def test_unknown_recipient_hash(root: Path, server: ServerProcess) -> None:
+    with RawClient(server.port) as c:
+        c.sendall(struct.pack(">QQQ", 500, user_hash("zhenqiang"), user_hash("nobody")))
+        code, reason = c.read_refusal()
+    assert code == RefuseCode.UNKNOWN_RECIPIENT and "no user" in reason
+    assert_still_serves(root, server)
+
+
+def test_unknown_sender_key(root: Path, server: ServerProcess) -> None:
+    fields = fields_for()
+    fields.update({"from": "mallory"})
+    fields = meta.with_crc(fields)
+    fh, th, env = sealed_request(root, fields, sender="mallory")
+    with RawClient(server.port) as c:
+        c.send_event(Header(len(env), fh, th))
+        code, reason = c.read_refusal()
+    assert code == RefuseCode.UNKNOWN_SENDER and "no public key" in reason
+    assert_still_serves(root, server)
+
+
+def test_wrong_key_envelope(root: Path, server: ServerProcess) -> None:
+    """Sealed with a key that is not the recipient's: the server cannot open it."""
+    fields = fields_for()
+    fh, th = user_hash("zhenqiang"), user_hash("roland-frei")
+    wrong = load_public(public_key_path(root, "mallory", "mallory"))
+    env = envelope.seal(wrong, meta.to_json(fields), envelope.aad(envelope.REQUEST, fh, th))
+    with RawClient(server.port) as c:
+        c.send_event(Header(len(env), fh, th))
+        c.send_event(Envelope(env))
+        code, reason = c.read_refusal()
+    assert code == RefuseCode.BAD_ENVELOPE and "cannot decrypt" in reason
+    assert no_files_for(root, fields)
+    assert_still_serves(root, server)
+
+
+@pytest.mark.parametrize("length", [0, 64 * 1024 + 1, 2**64 - 1])
+def test_metadata_length_out_of_bounds(root: Path, server: ServerProcess, length: int) -> None:
+    with RawClient(server.port) as c:
+        c.sendall(struct.pack(">QQQ", length, user_hash("zhenqiang"), user_hash("roland-frei")))
+        code, reason = c.read_refusal()
+    assert code == RefuseCode.BAD_HEADER and "outside 1..65536" in reason
+    assert_still_serves(root, server)
+
+
+def test_garbage_envelope(root: Path, server: ServerProcess) -> None:
+    junk = os.urandom(700)
+    with RawClient(server.port) as c:
+        c.sendall(struct.pack(">QQQ", len(junk), user_hash("zhenqiang"), user_hash("roland-frei")) + junk)
+        code, _reason = c.read_refusal()
+    assert code == RefuseCode.BAD_ENVELOPE
+    assert_still_serves(root, server)
+
+
+def test_meta_crc_mismatch(root: Path, server: ServerProcess) -> None:
+    fields = fields_for()
+    fields["metaCRC"] ^= 1
+    code, reason = refuse_after_request(root, server, fields)
+    assert code == RefuseCode.META_CRC and "metaCRC" in reason
+    assert no_files_for(root, fields)
+    assert_still_serves(root, server)
+
+
+def test_from_does_not_match_header(root: Path, server: ServerProcess) -> None:
+    fields = fields_for()
+    _fh, th, env = sealed_request(root, fields)
+    with RawClient(server.port) as c:  # header claims roland-frei sends, metadata says zhenqiang
+        c.send_event(Header(len(env), user_hash("roland-frei"), th))
+        c.send_event(Envelope(env))
+        code, _ = c.read_refusal()
+    assert code == RefuseCode.BAD_ENVELOPE  # the AAD binds the hashes: the envelope does not open
+    assert_still_serves(root, server)
+
+
+@pytest.mark.parametrize("folder", ["../escape", "photo/../../escape", "/etc", "pho\x00to"])
+def test_unsafe_folder(root: Path, server: ServerProcess, folder: str) -> None:
+    fields = fields_for(folder=folder)
+    code, reason = refuse_after_request(root, server, fields)
+    assert code == RefuseCode.UNSAFE_PATH and "folder" in reason
+    assert not (root / "escape").exists() and not (root.parent / "escape").exists()
+    assert_still_serves(root, server)
+
+
+# -- limits ---------------------------------------------------------------------------------------
+
+
+def test_filesize_over_limit(root: Path) -> None:
+    srv = start_server(root, "--max-file-size", "5000")
+    try:
+        fields = fields_for(6000)
+        code, reason = refuse_after_request(root, srv, fields)
+        assert code == RefuseCode.TOO_LARGE and "limit of 5000" in reason
+        assert no_files_for(root, fields)
+        assert_still_serves(root, srv, size=4000)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_filesize_over_free_disk(root: Path) -> None:
+    srv = start_server(root, "--max-file-size", str(2**63))
+    try:
+        fields = fields_for(1000)
+        fields["filesize"] = 2**62
+        fields = meta.with_crc(fields)
+        code, reason = refuse_after_request(root, srv, fields)
+        assert code == RefuseCode.NO_SPACE and "free" in reason
+        assert no_files_for(root, fields)
+        assert_still_serves(root, srv)
+    finally:
+        assert srv.stop() == 0
+
+
+# -- the data stream --------------------------------------------------------------------------------
+
+
+def _payload_fields(size: int) -> tuple[bytes, dict[str, Any]]:
+    payload = os.urandom(size)
+    return payload, meta.make("zhenqiang", "roland-frei", "photo", "x.bin", size, crc64(payload))
+
+
+def test_tampered_block(root: Path, server: ServerProcess) -> None:
+    payload, fields = _payload_fields(3 * BLOCK_SIZE + 100)
+    hs = handshake(root, server.port, fields)
+    frames = bytearray(sealed_frames(hs.cipher, payload))
+    frames[BLOCK_SIZE + TAG_LEN + 5] ^= 0x01  # one bit of block 1
+    with hs.client as c:
+        hs.send_frames(bytes(frames))
+        code, reason = c.read_refusal()
+    assert code == RefuseCode.BAD_BLOCK and "block 1" in reason
+    assert wait_until(lambda: no_files_for(root, fields))
+    assert_still_serves(root, server)
+
+
+def test_wrong_final_crc(root: Path, server: ServerProcess) -> None:
+    payload, fields = _payload_fields(100_000)
+    hs = handshake(root, server.port, fields)
+    with hs.client as c:
+        hs.send_frames(sealed_frames(hs.cipher, payload))
+        c.send_event(FileCRC(hs.cipher.seal_crc(crc64(payload) ^ 0xFF)))
+        code, reason = c.read_refusal()
+    assert code == RefuseCode.BAD_CRC and "CRC mismatch" in reason
+    assert wait_until(lambda: no_files_for(root, fields))
+    assert_still_serves(root, server)
+
+
+def test_crc_frame_not_sealed_with_filekey(root: Path, server: ServerProcess) -> None:
+    payload, fields = _payload_fields(0)
+    hs = handshake(root, server.port, fields)
+    with hs.client as c:
+        c.sendall(struct.pack(">Q", crc64(payload)) + bytes(16))  # a plain CRC, as an attacker would
+        code, _ = c.read_refusal()
+    assert code == RefuseCode.BAD_CRC
+    assert wait_until(lambda: no_files_for(root, fields))
+    assert_still_serves(root, server)
+
+
+def test_disconnect_mid_file(root: Path, server: ServerProcess) -> None:
+    payload, fields = _payload_fields(20 * BLOCK_SIZE)
+    hs = handshake(root, server.port, fields)
+    frames = sealed_frames(hs.cipher, payload)
+    hs.client.sendall(frames[: len(frames) // 2])
+    assert wait_until(lambda: target(root, fields, ".part").exists())
+    hs.client.close()
+    assert wait_until(lambda: no_files_for(root, fields))
+    assert wait_until(lambda: "closed the connection" in server.log())
+    assert_still_serves(root, server)
+
+
+def test_silent_client_before_header(root: Path, server: ServerProcess) -> None:
+    started = time.monotonic()
+    with RawClient(server.port) as c:
+        c.sendall(b"\x00" * 10)  # part of a header, then silence
+        code, reason = c.read_refusal()
+    assert code == RefuseCode.TIMEOUT and "idle" in reason
+    assert 2.5 < time.monotonic() - started < 15
+    assert_still_serves(root, server)
+
+
+def test_silent_client_mid_file(root: Path, server: ServerProcess) -> None:
+    payload, fields = _payload_fields(10 * BLOCK_SIZE)
+    hs = handshake(root, server.port, fields)
+    with hs.client as c:
+        c.sendall(sealed_frames(hs.cipher, payload)[: 3 * BLOCK_SIZE])
+        code, _ = c.read_refusal()
+    assert code == RefuseCode.TIMEOUT
+    assert wait_until(lambda: no_files_for(root, fields))
+    assert_still_serves(root, server)
+
+
+def test_same_from_datetime_never_overwrites(root: Path, server: ServerProcess) -> None:
+    data, meta_path = make_file(root, 70_000)
+    first = run_send(root, server.port, meta_path)
+    assert first.returncode == 0, first.stderr
+    fields = meta.read_meta_file(meta_path.with_suffix(".done"))
+    stored = target(root, fields).read_bytes()
+    # The same .meta again, now naming different bytes of the same size.
+    data.write_bytes(os.urandom(70_000))
+    fields2 = dict(fields, fileCRC=crc64(data.read_bytes()))
+    meta_path.write_bytes(meta.to_json(meta.with_crc(fields2)))
+    second = run_send(root, server.port, meta_path)
+    assert second.returncode != 0
+    assert "already received" in second.stderr and "never overwritten" in second.stderr
+    assert meta_path.with_suffix(".failed").exists()
+    assert target(root, fields).read_bytes() == stored
+    assert_still_serves(root, server)
+
+
+def test_same_transfer_twice_at_once(root: Path, server: ServerProcess) -> None:
+    payload, fields = _payload_fields(5 * BLOCK_SIZE)
+    hs = handshake(root, server.port, fields)
+    try:
+        code, reason = refuse_after_request(root, server, fields)
+        assert code == RefuseCode.BUSY and "right now" in reason
+        hs.send_frames(sealed_frames(hs.cipher, payload))
+        hs.client.send_event(FileCRC(hs.cipher.seal_crc(crc64(payload))))
+        from engine.protocol import Ack
+
+        event = hs.client.next_event()
+        assert isinstance(event, Ack)
+        assert hs.cipher.open_ack(event.sealed) == (len(payload), crc64(payload))
+    finally:
+        hs.client.close()
+    assert target(root, fields).read_bytes() == payload
+
+
+def test_server_survives_a_flood_of_junk_connections(root: Path, server: ServerProcess) -> None:
+    for i in range(30):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(os.urandom(i * 7))
+    assert_still_serves(root, server)

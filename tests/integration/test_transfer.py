@@ -1,0 +1,138 @@
+"""Good transfers between real ``m2y serve`` and ``m2y send`` processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import meta
+
+from .helpers import M2Y, ServerProcess, make_file, run_send, start_server, target
+
+
+def _check_received(root: Path, data: Path, meta_path: Path) -> None:
+    fields = meta.read_meta_file(meta_path.with_suffix(".done"))
+    got = target(root, fields)
+    assert got.read_bytes() == data.read_bytes()
+    assert not target(root, fields, ".part").exists()
+    assert not meta_path.exists()
+
+
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 3 * 65536 + 7])
+def test_sizes(root: Path, server: ServerProcess, size: int) -> None:
+    data, meta_path = make_file(root, size)
+    result = run_send(root, server.port, meta_path)
+    assert result.returncode == 0, result.stderr
+    assert "ACK" in result.stdout
+    _check_received(root, data, meta_path)
+
+
+def test_50_mb(root: Path, server: ServerProcess) -> None:
+    data, meta_path = make_file(root, 50_000_000)
+    result = run_send(root, server.port, meta_path)
+    assert result.returncode == 0, result.stderr
+    _check_received(root, data, meta_path)
+    line = [x for x in server.log().splitlines() if "ACK" in x][-1]
+    assert "zhenqiang -> roland-frei" in line and "50000000 B" in line and "MB/s" in line
+
+
+def test_meta_command_then_send(root: Path, server: ServerProcess) -> None:
+    src = root / "zhenqiang" / "photo"
+    src.mkdir(parents=True)
+    data = src / "myfoto.jpg"
+    data.write_bytes(os.urandom(200_000))
+    made = subprocess.run([*M2Y, "meta", str(data), "--from", "zhenqiang", "--to", "roland-frei",
+                           "--folder", "photo/2018", "--root", str(root)], capture_output=True, text=True, timeout=30)
+    assert made.returncode == 0, made.stderr
+    meta_path = src / "myfoto.meta"
+    fields = meta.read_meta_file(meta_path)
+    assert fields["filename"] == "myfoto.jpg" and fields["filesize"] == 200_000
+    assert set(fields) == set(meta.FIELDS)
+    result = run_send(root, server.port, meta_path)
+    assert result.returncode == 0, result.stderr
+    assert target(root, fields).read_bytes() == data.read_bytes()
+    stored = target(root, fields, ".meta")
+    assert meta.parse(meta.to_json(__import__("json").loads(stored.read_text()))) == fields
+
+
+def test_several_metas_in_one_send(root: Path, server: ServerProcess) -> None:
+    files = [make_file(root, 1000 * (i + 1), name=f"f{i}.bin") for i in range(3)]
+    result = run_send(root, server.port, *(m for _, m in files))
+    assert result.returncode == 0, result.stderr
+    for data, meta_path in files:
+        _check_received(root, data, meta_path)
+
+
+def test_eight_clients_at_once(root: Path, server: ServerProcess) -> None:
+    files = [make_file(root, 3_000_000 + i, name=f"c{i}.bin") for i in range(8)]
+    procs = [
+        subprocess.Popen([*M2Y, "send", str(m), "--root", str(root), "--port", str(server.port)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _, m in files
+    ]
+    for p in procs:
+        _out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    for data, meta_path in files:
+        _check_received(root, data, meta_path)
+
+
+def test_console_scripts(root: Path) -> None:
+    bindir = Path(sys.executable).parent
+    server_script, client_script = bindir / "m2y-server", bindir / "m2y-client"
+    if not server_script.exists() or not client_script.exists():
+        pytest.skip("console scripts are installed by `make install`")
+    proc = subprocess.Popen([str(server_script), "--root", str(root), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        port = int(line.split("127.0.0.1:", 1)[1].split()[0])
+        data, meta_path = make_file(root, 70_000)
+        result = subprocess.run([str(client_script), str(meta_path), "--root", str(root), "--port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        _check_received(root, data, meta_path)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_server_stops_cleanly(root: Path, sig: signal.Signals) -> None:
+    srv = start_server(root)
+    srv.proc.send_signal(sig)
+    assert srv.proc.wait(10) == 0
+    assert srv.proc.stdout is not None
+    assert "stopped" in srv.proc.stdout.read()
+
+
+def test_root_from_environment(root: Path, server: ServerProcess) -> None:
+    data, meta_path = make_file(root, 12345)
+    env = dict(os.environ, M2Y_ROOT=str(root))
+    result = subprocess.run([*M2Y, "send", str(meta_path), "--port", str(server.port)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    _check_received(root, data, meta_path)
+
+
+def test_keygen_command(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    made = subprocess.run([*M2Y, "keygen", "alice", "--root", str(root), "--bits", "2048"],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    key = root / "alice" / "privateKey" / "alice.data"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert (root / "alice" / "pubKey" / "alice.data").exists()
+    before = key.read_bytes()
+    again = subprocess.run([*M2Y, "keygen", "alice", "--root", str(root), "--bits", "2048"],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and "--force" in again.stderr
+    assert key.read_bytes() == before
+    shutil.rmtree(root)
