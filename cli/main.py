@@ -12,6 +12,7 @@ from engine.client import DEFAULT_TIMEOUT, send_files
 from engine.crc import crc64
 from engine.errors import ConfigError, M2YError
 from engine.keys import DEFAULT_BITS, keygen
+from engine.pool import default_workers
 from engine.server import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_FILE_SIZE,
@@ -39,6 +40,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-meta", type=int, default=64 * 1024, help="largest metadata envelope, bytes")
     p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
                    help="seconds a client may stay silent mid-transfer")
+    _add_workers(p)
 
 
 def _add_send(p: argparse.ArgumentParser) -> None:
@@ -47,6 +49,20 @@ def _add_send(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default {DEFAULT_PORT})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the server")
+    _add_workers(p)
+
+
+def _add_workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"block-crypto worker processes; 0 = inline (default here: {default_workers()}, "
+                        "from the core count: 0 on <= 2 cores, else cores - 2, at most 8)")
+
+
+def _workers(args: argparse.Namespace) -> int:
+    n = default_workers() if args.workers is None else args.workers
+    if not 0 <= n <= 64:
+        raise ConfigError(f"--workers {n} is out of range 0..64")
+    return int(n)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,11 +117,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not root.is_dir():
         raise ConfigError(f"root {root} is not a folder; create users with 'm2y keygen USER --root {root}'")
     config = ServerConfig(root=root, host=args.host, port=args.port, max_envelope=args.max_meta,
-                          max_file_size=args.max_file_size, idle_timeout=args.idle_timeout)
+                          max_file_size=args.max_file_size, idle_timeout=args.idle_timeout,
+                          workers=_workers(args))
 
     def listening(server: Server) -> None:
         names = ", ".join(sorted(n for n, _ in server.keys.users.values())) or "none yet"
-        print(f"m2y serve: listening on {config.host}:{server.port} (users: {names})", flush=True)
+        print(f"m2y serve: listening on {config.host}:{server.port} (users: {names}; "
+              f"workers: {config.workers})", flush=True)
 
     try:
         serve(config, listening)
@@ -116,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    results = send_files(args.metas, _root(args), args.host, args.port, args.timeout)
+    results = send_files(args.metas, _root(args), args.host, args.port, args.timeout, _workers(args))
     for r in results:
         where = f" -> {r.renamed_to.name}" if r.renamed_to else ""
         if r.ok:

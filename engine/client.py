@@ -8,6 +8,7 @@ plaintext batch, and the region goes to the socket with ``sock_sendall``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import socket
 import time
@@ -18,10 +19,11 @@ from typing import Any
 from Crypto.PublicKey import RSA
 
 from . import envelope, meta
-from .blocks import BLOCK_SIZE, TAG_LEN, BlockCipher, block_count
-from .crc import crc64
+from .blocks import BLOCK_SIZE, BlockCipher, block_count
+from .crc import crc64_combine
 from .errors import ConfigError, M2YError, ProtocolError, Refused, RemoteProtocolError
 from .keys import load_private, load_public
+from .pool import ENCRYPT, Ring, WorkerPool, make_ring
 from .protocol import (
     NEED_DATA,
     Ack,
@@ -136,7 +138,8 @@ def _refused(event: Event) -> Refused:
     return Refused(f"server sent {type(event).__name__} unexpectedly", 0)
 
 
-async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_TIMEOUT, batch: int = 16) -> int:
+async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_TIMEOUT, batch: int = 16,
+                   pool: WorkerPool | None = None) -> int:
     """Send one prepared file; returns bytes sent on ACK, raises M2YError otherwise."""
     fields = p.fields
     from_hash, to_hash = user_hash(fields["from"]), user_hash(fields["to"])
@@ -159,7 +162,7 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
         filesize = fields["filesize"]
         ch.conn.set_filesize(filesize)
         try:
-            crc = await _stream(ch, p.data_path, cipher, filesize, batch)
+            crc = await _stream(ch, p.data_path, make_ring(pool, filekey, salt, batch), filesize, batch)
             await ch.send(FileCRC(cipher.seal_crc(crc)))
         except (ConnectionResetError, BrokenPipeError):
             event = await ch.next(timeout=5)  # the server refused mid-file: say why
@@ -177,32 +180,44 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
         sock.close()
 
 
-async def _stream(ch: _Channel, path: Path, cipher: BlockCipher, filesize: int, batch: int) -> int:
-    """Read, seal and send every block; return the CRC-64 of the plaintext."""
-    plain = memoryview(bytearray(batch * BLOCK_SIZE))
-    region = memoryview(bytearray(batch * (BLOCK_SIZE + TAG_LEN)))
+async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: int) -> int:
+    """file -> slot -> (worker) -> frames -> socket, in order; return the CRC-64 of the plaintext."""
+    free = list(range(ring.depth))
+    queued: collections.deque[tuple[int, int]] = collections.deque()  # (first block, count) per batch
     crc = 0
     total = block_count(filesize)
     index = 0
-    with open(path, "rb", buffering=0) as f:
-        while index < total:
-            count = min(batch, total - index)
-            want = min(filesize, (index + count) * BLOCK_SIZE) - index * BLOCK_SIZE
-            got = 0
-            while got < want:
-                n = f.readinto(plain[got:want])
-                if not n:
-                    raise ConfigError(f"{path.name} changed since its .meta was written: it got shorter")
-                got += n
-            crc = crc64(plain[:want], crc)
-            out = 0
-            for i in range(count):
-                chunk = plain[i * BLOCK_SIZE : min(want, (i + 1) * BLOCK_SIZE)]
-                cipher.encrypt_into(index + i, chunk, region[out : out + len(chunk) + TAG_LEN])
-                out += len(chunk) + TAG_LEN
-            assert out == frames_size(filesize, index, count)
-            await ch.send(Blocks(index, count, region[:out]))
-            index += count
+
+    async def send_oldest() -> None:
+        nonlocal crc
+        slot, batch_crc, plain_len = await ring.result()
+        first, count = queued.popleft()
+        crc = crc64_combine(crc, batch_crc, plain_len)
+        await ch.send(Blocks(first, count, ring.frames(slot)[: frames_size(filesize, first, count)]))
+        free.append(slot)
+
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while index < total:
+                if not free:
+                    await send_oldest()
+                slot = free.pop()
+                count = min(batch, total - index)
+                want = min(filesize, (index + count) * BLOCK_SIZE) - index * BLOCK_SIZE
+                plain = ring.plain(slot)
+                got = 0
+                while got < want:
+                    n = f.readinto(plain[got:want])
+                    if not n:
+                        raise ConfigError(f"{path.name} changed since its .meta was written: it got shorter")
+                    got += n
+                ring.submit(slot, ENCRYPT, index, want)
+                queued.append((index, count))
+                index += count
+            while queued:
+                await send_oldest()
+    finally:
+        ring.close()
     return crc
 
 
@@ -213,16 +228,26 @@ def _final_name(meta_path: Path, suffix: str) -> Path:
 
 
 def send_files(metas: list[Path], root: Path, host: str, port: int,
-               timeout: float = DEFAULT_TIMEOUT) -> list[Result]:
+               timeout: float = DEFAULT_TIMEOUT, workers: int = 0) -> list[Result]:
     """Send each .meta in turn; rename it .done on ACK, .failed otherwise."""
 
     async def run() -> list[Result]:
-        results = []
+        results: list[Result] = []
+        pool = WorkerPool(workers) if workers > 0 else None
+        if pool is not None:
+            pool.attach(asyncio.get_running_loop())
+        try:
+            return await _send_all(pool, results)
+        finally:
+            if pool is not None:
+                pool.close()
+
+    async def _send_all(pool: WorkerPool | None, results: list[Result]) -> list[Result]:
         for meta_path in metas:
             started = time.monotonic()
             try:
                 prepared = prepare(meta_path, root)
-                nbytes = await send_one(prepared, host, port, timeout)
+                nbytes = await send_one(prepared, host, port, timeout, pool=pool)
                 ok, message = True, "ACK"
             except M2YError as exc:
                 ok, message, nbytes = False, exc.reason, 0

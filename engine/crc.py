@@ -7,6 +7,8 @@ and can continue from a previous value, so the CRC is built block by block.
 
 from __future__ import annotations
 
+import functools
+
 import fastcrc
 
 BytesLike = bytes | bytearray | memoryview
@@ -26,3 +28,50 @@ def reference_crc64(data: bytes) -> int:
 
     fn = crcmod.mkCrcFun(POLY, initCrc=0, rev=True, xorOut=0xFFFFFFFFFFFFFFFF)
     return int(fn(data))
+
+
+# -- joining CRCs of consecutive pieces (zlib's crc32_combine, for 64 bits) --------------------------
+# CRC-64/XZ is linear over GF(2): crc(A || B) = shift(crc(A), len(B)) ^ crc(B), where shift()
+# feeds len(B) zero bytes through the register. shift() is a 64x64 bit matrix; the matrix
+# for a given length is built once (batches have one length but the last) and cached.
+
+_REFLECTED_POLY = 0xC96C5795D7870F42
+
+
+def _times(matrix: tuple[int, ...], vector: int) -> int:
+    out = 0
+    i = 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return out
+
+
+def _compose(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """The matrix of applying b, then a."""
+    return tuple(_times(a, col) for col in b)
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_matrix(nbytes: int) -> tuple[int, ...]:
+    one_bit = (_REFLECTED_POLY, *(1 << n for n in range(63)))
+    power = one_bit
+    for _ in range(3):  # 8 zero bits = one zero byte
+        power = _compose(power, power)
+    result = tuple(1 << n for n in range(64))  # identity
+    while nbytes:
+        if nbytes & 1:
+            result = _compose(power, result)
+        nbytes >>= 1
+        if nbytes:
+            power = _compose(power, power)
+    return result
+
+
+def crc64_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """CRC-64/XZ of A || B from crc(A), crc(B) and len(B)."""
+    if len_b == 0:
+        return crc_a
+    return _times(_shift_matrix(len_b), crc_a) ^ crc_b

@@ -21,7 +21,7 @@ from .users import check_user
 FIELDS = ("from", "to", "folder", "datetime", "filename", "filesize", "fileCRC", "metaCRC")
 REPLY_FIELDS = (*FIELDS, "filekey", "salt")
 DATETIME_FORMAT = "%d-%m-%Y_%H-%M-%S"
-_DATETIME = re.compile(r"\d{2}-\d{2}-\d{4}_\d{2}-\d{2}-\d{2}\Z")
+_DATETIME = re.compile(r"[0-9]{2}-[0-9]{2}-[0-9]{4}_[0-9]{2}-[0-9]{2}-[0-9]{2}\Z")
 U64_MAX = (1 << 64) - 1
 MAX_FOLDER_LEN = 1024
 MAX_FILENAME_LEN = 255
@@ -112,7 +112,9 @@ def parse(data: bytes, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     name = fields["filename"]
     if not name or "/" in name or "\x00" in name or name in (".", "..") or len(name) > MAX_FILENAME_LEN:
         raise RemoteProtocolError("filename must be a plain base name", RefuseCode.UNSAFE_PATH)
-    fields["folder"] = safe_folder(fields["folder"])
+    if safe_folder(fields["folder"]) != fields["folder"]:
+        raise RemoteProtocolError(f"folder {fields['folder']!r} is not normalised (no empty parts or trailing /)",
+                                  RefuseCode.UNSAFE_PATH)
     return fields
 
 
@@ -128,7 +130,7 @@ def make(
     check_user(sender)
     check_user(recipient)
     try:
-        safe_folder(folder)
+        folder = safe_folder(folder)
     except RemoteProtocolError as exc:
         raise ConfigError(exc.reason) from None
     fields = {

@@ -186,7 +186,6 @@ class Connection:
         self.batch = batch
         self.filesize: int | None = None
         self._allocator = allocator or self._default_allocator
-        self._scratch = bytearray()
         # Control message being received: its buffer, bytes filled, and how to parse it.
         self._ctl = bytearray()
         self._ctl_fill = 0
@@ -236,10 +235,19 @@ class Connection:
         """Bytes that put ``event`` on the wire; block data is passed through, not copied."""
         if self.state is State.ERROR:
             raise LocalProtocolError("connection is in ERROR state")
+        if type(event) not in TRANSITIONS[self.role].get(self.state, {}):
+            self._transition(self.role, event)  # raises, naming event, role and state
         out: list[BytesLike]
         if isinstance(event, Header):
+            if not 1 <= event.envelope_len < 1 << 64 or not all(
+                0 <= h < 1 << 64 for h in (event.from_hash, event.to_hash)
+            ):
+                raise LocalProtocolError(f"header out of range: {event}")
+            self._envelope_len = event.envelope_len
             out = [HEADER.pack(event.envelope_len, event.from_hash, event.to_hash)]
         elif isinstance(event, Envelope):
+            if len(event.data) != self._envelope_len:
+                raise LocalProtocolError(f"envelope is {len(event.data)} bytes, header said {self._envelope_len}")
             out = [event.data]
         elif isinstance(event, Blocks):
             self._check_blocks(event)
@@ -251,13 +259,13 @@ class Connection:
         elif isinstance(event, Reply):
             out = [SERVER_PREFIX.pack(Kind.REPLY, len(event.envelope)), event.envelope]
         elif isinstance(event, Ack):
+            if len(event.sealed) != ACK_BODY_LEN:
+                raise LocalProtocolError(f"Ack must be {ACK_BODY_LEN} bytes")
             out = [SERVER_PREFIX.pack(Kind.ACK, len(event.sealed)) + event.sealed]
         elif isinstance(event, Refused):
             out = [refusal_bytes(event.code, event.reason)]
         else:
             raise LocalProtocolError(f"cannot send {type(event).__name__}")
-        if isinstance(event, Header) and event.envelope_len < 1:
-            raise LocalProtocolError("envelope length must be at least 1")
         self._transition(self.role, event)
         if isinstance(event, Blocks):
             self._next_block += event.count
@@ -283,9 +291,8 @@ class Connection:
     # -- receiving ------------------------------------------------------------------------
 
     def _default_allocator(self, nbytes: int) -> memoryview:
-        if len(self._scratch) < nbytes:
-            self._scratch = bytearray(nbytes)
-        return memoryview(self._scratch)[:nbytes]
+        """A fresh region each time, so queued Blocks events keep their bytes; adapters pass their own."""
+        return memoryview(bytearray(nbytes))
 
     def _expect_control(self) -> None:
         """Set up the next control message to receive, by role and state."""

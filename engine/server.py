@@ -23,9 +23,10 @@ from Crypto.PublicKey import RSA
 
 from . import envelope, meta
 from .blocks import BLOCK_SIZE, BlockCipher
-from .crc import crc64
+from .crc import crc64_combine
 from .errors import M2YError, ProtocolError, RefuseCode, RemoteProtocolError
 from .keys import load_private, load_public
+from .pool import DECRYPT, Ring, WorkerPool, make_ring
 from .protocol import (
     NEED_DATA,
     Blocks,
@@ -35,7 +36,6 @@ from .protocol import (
     FileCRC,
     Header,
     Role,
-    frame_offsets,
     refusal_bytes,
 )
 from .protocol import Ack as AckEvent
@@ -60,6 +60,7 @@ class ServerConfig:
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     batch: int = 16
+    workers: int = 0
 
 
 class KeyRing:
@@ -121,6 +122,7 @@ class Server:
         self.keys = KeyRing(config.root)
         self.storage = Storage(config.root, config.max_file_size)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.pool = WorkerPool(config.workers) if config.workers > 0 else None
         self._listener: socket.socket | None = None
         self.port = 0
 
@@ -137,16 +139,20 @@ class Server:
         return sock
 
     async def serve_forever(self, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
+        if self.pool is not None:
+            self.pool.attach(asyncio.get_running_loop())
         listener = self._listener or self.listen()
         accept = asyncio.ensure_future(self._accept_loop(listener))
-        await stop.wait()
-        accept.cancel()
-        listener.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(accept, *self._tasks, return_exceptions=True)
-        del loop
+        try:
+            await stop.wait()
+        finally:
+            accept.cancel()
+            listener.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(accept, *self._tasks, return_exceptions=True)
+            if self.pool is not None:
+                self.pool.close()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -165,8 +171,7 @@ class Server:
     # -- one connection ----------------------------------------------------------------------
 
     async def _handle(self, sock: socket.socket, addr: Any) -> None:
-        conn = Connection(Role.SERVER, max_envelope=self.config.max_envelope, batch=self.config.batch)
-        session = _Session(self, sock, conn)
+        session = _Session(self, sock)
         try:
             await session.run()
         finally:
@@ -176,16 +181,21 @@ class Server:
 class _Session:
     """The server side of one transfer."""
 
-    def __init__(self, server: Server, sock: socket.socket, conn: Connection) -> None:
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        cfg = server.config
         self.server = server
         self.sock = sock
-        self.conn = conn
+        self.conn = Connection(Role.SERVER, max_envelope=cfg.max_envelope, batch=cfg.batch,
+                               allocator=self._allocate)
+        self.ring: Ring | None = None
+        self.slot = 0
         self.loop = asyncio.get_running_loop()
         self.last_rx = self.loop.time()
         self.incoming: Incoming | None = None
         self.label = "?"
         self.started = time.monotonic()
         self.timed_out = False
+        self.failure: M2YError | None = None
 
     async def run(self) -> None:
         task = asyncio.current_task()
@@ -200,12 +210,17 @@ class _Session:
             outcome = f"REFUSED {exc.code.name}: {exc.reason}"
             await self._refuse(exc.code, exc.reason)
         except asyncio.CancelledError:
-            if not self.timed_out:
+            if self.failure is not None:
+                code = self.failure.code if isinstance(self.failure, ProtocolError) else RefuseCode.INTERNAL
+                outcome = f"REFUSED {code.name}: {self.failure.reason}"
+                await self._refuse(code, self.failure.reason)
+            elif self.timed_out:
+                reason = f"idle for {self.server.config.idle_timeout:g} s"
+                outcome = f"REFUSED TIMEOUT: {reason}"
+                await self._refuse(RefuseCode.TIMEOUT, reason)
+            else:
                 outcome = "CANCELLED (server stopping)"
                 raise
-            reason = f"idle for {self.server.config.idle_timeout:g} s"
-            outcome = f"REFUSED TIMEOUT: {reason}"
-            await self._refuse(RefuseCode.TIMEOUT, reason)
         except M2YError as exc:
             outcome = f"REFUSED INTERNAL: {exc.reason}"
             await self._refuse(RefuseCode.INTERNAL, exc.reason)
@@ -260,7 +275,7 @@ class _Session:
             conn.buffer_updated(n)
 
     async def _transfer(self) -> None:
-        conn, cfg = self.conn, self.server.config
+        conn = self.conn
         header = await self._next()
         assert isinstance(header, Header)
         recipient, private_key = self.server.keys.recipient(header.to_hash)
@@ -285,22 +300,10 @@ class _Session:
         self.started = time.monotonic()
 
         cipher = BlockCipher(filekey, salt)
-        plainbuf = memoryview(bytearray(cfg.batch * BLOCK_SIZE))
-        crc = 0  # CRC-64/XZ of nothing; crc64() continues from it
-        while True:
-            event = await self._next()
-            if isinstance(event, Blocks):
-                pos = 0
-                for index, offset, size in frame_offsets(filesize, event.first, event.count):
-                    out = plainbuf[pos : pos + size - 16]
-                    cipher.decrypt_into(index, event.data[offset : offset + size], out)
-                    pos += size - 16
-                crc = crc64(plainbuf[:pos], crc)
-                incoming.write(plainbuf[:pos])
-            elif isinstance(event, FileCRC):
-                break
+        actual = await self._receive_blocks(filekey, salt, filesize, incoming)
+        event = await self._next()
+        assert isinstance(event, FileCRC)
         claimed = cipher.open_crc(event.sealed)
-        actual = crc
         if claimed != actual:
             raise RemoteProtocolError(
                 f"file CRC mismatch: client says {claimed:016x}, received bytes give {actual:016x}",
@@ -315,6 +318,50 @@ class _Session:
         self._watchdog.cancel()  # fsync of a large file may take longer than the idle timeout
         await self.loop.run_in_executor(None, incoming.commit)
         await self.loop.sock_sendall(self.sock, b"".join(conn.send(AckEvent(cipher.seal_ack(filesize, actual)))))
+
+
+    async def _receive_blocks(self, filekey: bytes, salt: bytes, filesize: int, incoming: Incoming) -> int:
+        """Frames -> slot -> (worker) -> plaintext -> .part, in order; returns the CRC-64 of the plaintext."""
+        ring = make_ring(self.server.pool, filekey, salt, self.server.config.batch)
+        ring.on_failure = self._batch_failed
+        self.ring = ring
+        free = list(range(ring.depth))
+        crc = 0
+
+        async def retire_oldest() -> None:
+            nonlocal crc
+            slot, batch_crc, plain_len = await ring.result()
+            incoming.write(ring.plain(slot)[:plain_len])
+            crc = crc64_combine(crc, batch_crc, plain_len)
+            free.append(slot)
+
+        try:
+            while self.conn.blocks_remaining() > 0:
+                if not free:
+                    await retire_oldest()
+                self.slot = free.pop()
+                event = await self._next()  # fills ring.frames(self.slot) through _allocate
+                assert isinstance(event, Blocks)
+                plain_len = min(filesize, (event.first + event.count) * BLOCK_SIZE) - event.first * BLOCK_SIZE
+                ring.submit(self.slot, DECRYPT, event.first, plain_len)
+            while ring.in_flight():
+                await retire_oldest()
+        finally:
+            ring.on_failure = None
+            ring.close()
+            self.ring = None
+        return crc
+
+    def _batch_failed(self, exc: M2YError) -> None:
+        """A worker found a bad block (or died) while we wait on the socket: stop now, say why."""
+        if self.failure is None:
+            self.failure = exc
+            self._task.cancel()
+
+    def _allocate(self, nbytes: int) -> memoryview:
+        """The Connection's block regions are the current slot's frame area."""
+        assert self.ring is not None, "blocks arrive only after the reply"
+        return self.ring.frames(self.slot)[:nbytes]
 
 
 def serve(config: ServerConfig, on_listening: Any = None) -> None:

@@ -1,0 +1,373 @@
+"""Block crypto off the network process: a pool of worker processes over shared memory.
+
+Strategy: each transfer owns a ring of slots in one ``multiprocessing.shared_memory``
+segment. A slot holds a batch of plaintext blocks and the same blocks as wire frames.
+The network process fills a slot (file -> plaintext, or socket -> frames), sends the
+slot *number* and a few integers to a worker over a pipe, and gets back the batch's
+CRC-64 of the plaintext (or an error line). Block bytes never cross a pipe.
+Results are consumed in submission order, so the file and the socket see the blocks
+in order however the workers finish; a transfer has at most ``depth`` batches in
+flight, which is the back-pressure that keeps memory flat whatever the file size.
+
+Each worker computes the CRC of its own batch right after sealing/opening it (the
+bytes are still in cache); the network process joins the batch CRCs with
+``crc.crc64_combine``, so there is no extra pass over the data.
+
+``InlineRing`` does the same work in the calling process (``--workers 0``) and is
+what the pool is tested against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import multiprocessing as mp
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection as Pipe
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any, Protocol
+
+from .blocks import BLOCK_SIZE, TAG_LEN, BlockCipher
+from .crc import crc64
+from .errors import M2YError, RefuseCode, RemoteProtocolError
+
+ENCRYPT = 1
+DECRYPT = 2
+DEFAULT_DEPTH = 4
+
+
+class WorkerDied(M2YError):
+    """A worker process ended while it held a batch: the transfer fails, the server goes on."""
+
+
+def slot_sizes(batch: int) -> tuple[int, int]:
+    """(plaintext bytes, frame bytes) of one slot."""
+    return batch * BLOCK_SIZE, batch * (BLOCK_SIZE + TAG_LEN)
+
+
+def process_batch(cipher: BlockCipher, op: int, plain: memoryview, frames: memoryview, first: int,
+                  plain_len: int) -> int:
+    """Seal or open the blocks of one batch in place; return the CRC-64 of its plaintext."""
+    crc = 0
+    pos = fpos = 0
+    index = first
+    while pos < plain_len:
+        size = min(BLOCK_SIZE, plain_len - pos)
+        p = plain[pos : pos + size]
+        f = frames[fpos : fpos + size + TAG_LEN]
+        if op == ENCRYPT:
+            crc = crc64(p, crc)
+            cipher.encrypt_into(index, p, f)
+        else:
+            cipher.decrypt_into(index, f, p)
+            crc = crc64(p, crc)
+        pos += size
+        fpos += size + TAG_LEN
+        index += 1
+    return crc
+
+
+class Ring(Protocol):
+    """What the client and server need from a pool: slots, and ordered batch results."""
+
+    depth: int
+    on_failure: Callable[[M2YError], None] | None  # called as soon as a batch fails
+
+    def plain(self, slot: int) -> memoryview: ...
+    def frames(self, slot: int) -> memoryview: ...
+    def submit(self, slot: int, op: int, first: int, plain_len: int) -> None: ...
+    async def result(self) -> tuple[int, int, int]: ...
+    def in_flight(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class _SlotMemory:
+    def __init__(self, buf: memoryview, batch: int, depth: int) -> None:
+        plain_size, frame_size = slot_sizes(batch)
+        step = plain_size + frame_size
+        self._plain = [buf[i * step : i * step + plain_size] for i in range(depth)]
+        self._frames = [buf[i * step + plain_size : (i + 1) * step] for i in range(depth)]
+
+    def plain(self, slot: int) -> memoryview:
+        return self._plain[slot]
+
+    def frames(self, slot: int) -> memoryview:
+        return self._frames[slot]
+
+    def release(self) -> None:
+        for view in (*self._plain, *self._frames):
+            with contextlib.suppress(BufferError):
+                view.release()
+        self._plain.clear()
+        self._frames.clear()
+
+
+_lingering: list[SharedMemory] = []
+
+
+def _close_segment(shm: SharedMemory) -> None:
+    """Unmap ``shm`` once no view of it is left (a view may still sit in a finished event)."""
+    _lingering.append(shm)
+    for seg in list(_lingering):
+        try:
+            seg.close()
+        except BufferError:
+            continue
+        _lingering.remove(seg)
+
+
+class InlineRing:
+    """``--workers 0``: the batch is processed at submit time, in this process."""
+
+    def __init__(self, cipher: BlockCipher, batch: int, depth: int = 2) -> None:
+        plain_size, frame_size = slot_sizes(batch)
+        self.depth = depth
+        self._cipher = cipher
+        self._mem = _SlotMemory(memoryview(bytearray((plain_size + frame_size) * depth)), batch, depth)
+        self._done: collections.deque[tuple[int, int, int]] = collections.deque()
+        self.on_failure: Callable[[M2YError], None] | None = None
+
+    def plain(self, slot: int) -> memoryview:
+        return self._mem.plain(slot)
+
+    def frames(self, slot: int) -> memoryview:
+        return self._mem.frames(slot)
+
+    def submit(self, slot: int, op: int, first: int, plain_len: int) -> None:
+        """Process at once: a bad block raises here, before anything else is received."""
+        crc = process_batch(self._cipher, op, self.plain(slot), self.frames(slot), first, plain_len)
+        self._done.append((slot, crc, plain_len))
+
+    async def result(self) -> tuple[int, int, int]:
+        return self._done.popleft()
+
+    def in_flight(self) -> int:
+        return len(self._done)
+
+    def close(self) -> None:
+        self._done.clear()
+
+
+# -- worker processes -----------------------------------------------------------------------------
+
+
+def _worker_main(pipe: Pipe) -> None:
+    """A worker: attach segments by name, process batches, answer with CRCs. Ends on EOF."""
+    segments: dict[str, tuple[SharedMemory, _SlotMemory]] = {}
+    ciphers: dict[bytes, BlockCipher] = {}
+    while True:
+        try:
+            msg = pipe.recv()
+        except (EOFError, OSError):
+            break
+        if msg[0] == "forget":
+            entry = segments.pop(msg[1], None)
+            if entry is not None:
+                entry[1].release()
+                _close_segment(entry[0])
+            ciphers.pop(msg[2], None)
+            continue
+        _, seq, name, batch, depth, keysalt, slot, op, first, plain_len = msg
+        try:
+            if name not in segments:
+                # Spawned workers share the creator's resource tracker, which the creator's
+                # unlink() settles; the worker only maps and unmaps.
+                shm = SharedMemory(name=name)
+                segments[name] = (shm, _SlotMemory(shm.buf, batch, depth))  # type: ignore[arg-type]
+            mem = segments[name][1]
+            cipher = ciphers.get(keysalt)
+            if cipher is None:
+                cipher = ciphers[keysalt] = BlockCipher(keysalt[:16], keysalt[16:])
+            crc = process_batch(cipher, op, mem.plain(slot), mem.frames(slot), first, plain_len)
+            pipe.send((seq, crc, None, 0))
+        except RemoteProtocolError as exc:
+            pipe.send((seq, 0, exc.reason, int(exc.code)))
+        except Exception as exc:  # report, never die with a batch held
+            pipe.send((seq, 0, f"worker error: {type(exc).__name__}: {exc}", int(RefuseCode.INTERNAL)))
+
+
+@dataclass
+class _Worker:
+    process: Any
+    pipe: Pipe
+    busy: int = 0
+
+
+class WorkerPool:
+    """N worker processes shared by every transfer of a server or client."""
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError("a WorkerPool needs at least one worker; use InlineRing for 0")
+        self._ctx = mp.get_context("spawn")  # no inherited sockets, loops or keys of the parent
+        self._workers: list[_Worker] = []
+        self._pending: dict[int, tuple[asyncio.Future[tuple[int, str | None, int]], _Worker]] = {}
+        self._seq = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        for _ in range(workers):
+            self._workers.append(self._spawn())
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=_worker_main, args=(child,), daemon=True, name="m2y-worker")
+        proc.start()
+        child.close()
+        worker = _Worker(proc, parent)
+        if self._loop is not None:
+            self._loop.add_reader(parent.fileno(), self._on_readable, worker)
+        return worker
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        for w in self._workers:
+            loop.add_reader(w.pipe.fileno(), self._on_readable, w)
+
+    @property
+    def size(self) -> int:
+        return len(self._workers)
+
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    def _on_readable(self, worker: _Worker) -> None:
+        try:
+            while worker.pipe.poll():
+                seq, crc, error, code = worker.pipe.recv()
+                worker.busy -= 1
+                entry = self._pending.pop(seq, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_result((crc, error, code))
+        except (EOFError, OSError):
+            self._replace(worker)
+
+    def _replace(self, dead: _Worker) -> None:
+        """A worker died: fail what it held, start another in its place."""
+        assert self._loop is not None
+        self._loop.remove_reader(dead.pipe.fileno())
+        dead.pipe.close()
+        dead.process.join(0.5)  # reap it
+        for seq, (fut, w) in list(self._pending.items()):
+            if w is dead:
+                del self._pending[seq]
+                if not fut.done():
+                    fut.set_exception(WorkerDied("a worker process died while processing a batch"))
+        index = self._workers.index(dead)
+        self._workers[index] = self._spawn()
+
+    def submit(self, name: str, batch: int, depth: int, keysalt: bytes, slot: int, op: int, first: int,
+               plain_len: int) -> asyncio.Future[tuple[int, str | None, int]]:
+        assert self._loop is not None, "attach() the pool to the running loop first"
+        worker = min(self._workers, key=lambda w: w.busy)
+        self._seq += 1
+        fut: asyncio.Future[tuple[int, str | None, int]] = self._loop.create_future()
+        self._pending[self._seq] = (fut, worker)
+        worker.busy += 1
+        try:
+            worker.pipe.send(("job", self._seq, name, batch, depth, keysalt, slot, op, first, plain_len))
+        except (BrokenPipeError, OSError):
+            self._replace(worker)
+        return fut
+
+    def forget(self, name: str, keysalt: bytes) -> None:
+        for w in self._workers:
+            try:
+                w.pipe.send(("forget", name, keysalt))
+            except (BrokenPipeError, OSError):
+                continue
+
+    def close(self) -> None:
+        for w in self._workers:
+            if self._loop is not None:
+                self._loop.remove_reader(w.pipe.fileno())
+            w.pipe.close()
+        for w in self._workers:
+            w.process.join(2)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(2)
+        self._workers.clear()
+
+    def ring(self, cipher_key: bytes, salt: bytes, batch: int, depth: int = DEFAULT_DEPTH) -> PoolRing:
+        return PoolRing(self, cipher_key + salt, batch, depth)
+
+
+class PoolRing:
+    """One transfer's slots in shared memory, processed by a ``WorkerPool``."""
+
+    def __init__(self, pool: WorkerPool, keysalt: bytes, batch: int, depth: int) -> None:
+        plain_size, frame_size = slot_sizes(batch)
+        self.depth = depth
+        self._pool = pool
+        self._keysalt = keysalt
+        self._batch = batch
+        self._shm = SharedMemory(name=f"m2y-{os.getpid()}-{secrets.token_hex(6)}", create=True,
+                                 size=(plain_size + frame_size) * depth)
+        self._mem = _SlotMemory(self._shm.buf, batch, depth)  # type: ignore[arg-type]
+        self.on_failure: Callable[[M2YError], None] | None = None
+        self._queue: collections.deque[tuple[int, int, asyncio.Future[tuple[int, str | None, int]]]] = (
+            collections.deque()
+        )
+
+    def plain(self, slot: int) -> memoryview:
+        return self._mem.plain(slot)
+
+    def frames(self, slot: int) -> memoryview:
+        return self._mem.frames(slot)
+
+    def submit(self, slot: int, op: int, first: int, plain_len: int) -> None:
+        fut = self._pool.submit(self._shm.name, self._batch, self.depth, self._keysalt, slot, op, first, plain_len)
+        fut.add_done_callback(self._check)
+        self._queue.append((slot, plain_len, fut))
+
+    def _check(self, fut: asyncio.Future[tuple[int, str | None, int]]) -> None:
+        """Tell the owner at once when a batch fails: it may be blocked on the socket, not on us."""
+        if fut.cancelled() or self.on_failure is None:
+            return
+        exc = fut.exception()
+        if isinstance(exc, M2YError):
+            self.on_failure(exc)
+        elif exc is None and fut.result()[1] is not None:
+            _, error, code = fut.result()
+            self.on_failure(RemoteProtocolError(str(error), RefuseCode(code)))
+
+    async def result(self) -> tuple[int, int, int]:
+        slot, plain_len, fut = self._queue.popleft()
+        crc, error, code = await fut
+        if error is not None:
+            raise RemoteProtocolError(error, RefuseCode(code))
+        return slot, crc, plain_len
+
+    def in_flight(self) -> int:
+        return len(self._queue)
+
+    def close(self) -> None:
+        for _, _, fut in self._queue:
+            fut.cancel()
+        self._queue.clear()
+        self._pool.forget(self._shm.name, self._keysalt)
+        self._mem.release()
+        self._shm.unlink()
+        _close_segment(self._shm)
+
+
+def default_workers(cpus: int | None = None) -> int:
+    """The rule: inline on 1-2 cores (both ends of a loopback run share them, a pool only adds
+    hand-offs), else one worker per core beyond two, at most 8 (perf/scaling.py measures this)."""
+    n = cpus if cpus is not None else (os.cpu_count() or 1)
+    return 0 if n <= 2 else min(n - 2, 8)
+
+
+def make_ring(pool: WorkerPool | None, cipher_key: bytes, salt: bytes, batch: int) -> Ring:
+    if pool is None:
+        return InlineRing(BlockCipher(cipher_key, salt), batch)
+    return pool.ring(cipher_key, salt, batch)
+
+
+__all__: list[str] = [
+    "DECRYPT", "ENCRYPT", "InlineRing", "PoolRing", "Ring", "WorkerDied", "WorkerPool", "default_workers",
+    "make_ring", "process_batch",
+]

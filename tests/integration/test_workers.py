@@ -1,0 +1,92 @@
+"""The worker pool (``--workers N``) between real processes: same bytes, same refusals, and a dead
+worker fails only its transfer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engine import meta
+from engine.blocks import BLOCK_SIZE, TAG_LEN
+from engine.crc import crc64
+from engine.errors import RefuseCode
+
+from .helpers import handshake, make_file, run_send, sealed_frames, start_server, target, wait_until
+
+
+@pytest.mark.parametrize("size", [0, 65537, 5_000_000])
+def test_transfer_with_workers_on_both_sides(root: Path, size: int) -> None:
+    srv = start_server(root, "--workers", "2")
+    try:
+        data, meta_path = make_file(root, size)
+        result = run_send(root, srv.port, meta_path, extra=("--workers", "1"))
+        assert result.returncode == 0, result.stderr
+        fields = meta.read_meta_file(meta_path.with_suffix(".done"))
+        assert target(root, fields).read_bytes() == data.read_bytes()
+    finally:
+        assert srv.stop() == 0
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"m2y-{srv.proc.pid}-")]
+
+
+def test_tampered_block_with_workers(root: Path) -> None:
+    srv = start_server(root, "--workers", "1")
+    try:
+        payload = os.urandom(40 * BLOCK_SIZE)
+        fields = meta.make("zhenqiang", "roland-frei", "photo", "x.bin", len(payload), crc64(payload))
+        hs = handshake(root, srv.port, fields)
+        frames = bytearray(sealed_frames(hs.cipher, payload))
+        frames[33 * (BLOCK_SIZE + TAG_LEN) + 1] ^= 0x80
+        with hs.client as c:
+            hs.send_frames(bytes(frames))
+            code, reason = c.read_refusal()
+        assert code == RefuseCode.BAD_BLOCK and "block 33" in reason
+        assert wait_until(lambda: not target(root, fields, ".part").exists())
+        assert not target(root, fields).exists()
+    finally:
+        assert srv.stop() == 0
+
+
+def _workers_of(pid: int) -> list[psutil.Process]:
+    found = []
+    for p in psutil.Process(pid).children():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # gone or a zombie between the two calls
+            continue
+    return found
+
+
+def test_dead_worker_fails_the_transfer_and_the_server_goes_on(root: Path) -> None:
+    srv = start_server(root, "--workers", "1")
+    try:
+        assert wait_until(lambda: len(_workers_of(srv.proc.pid)) == 1)
+        (worker,) = _workers_of(srv.proc.pid)
+        payload = os.urandom(64 * BLOCK_SIZE)
+        fields = meta.make("zhenqiang", "roland-frei", "photo", "x.bin", len(payload), crc64(payload))
+        hs = handshake(root, srv.port, fields)
+        frames = sealed_frames(hs.cipher, payload)
+        worker.send_signal(signal.SIGSTOP)  # batches now queue up at the worker ...
+        try:
+            hs.client.sendall(frames[: 40 * (BLOCK_SIZE + TAG_LEN)])
+            time.sleep(0.5)
+        finally:
+            worker.send_signal(signal.SIGKILL)  # ... and it dies holding them
+        code, reason = hs.client.read_refusal()
+        hs.client.close()
+        assert code == RefuseCode.INTERNAL and "worker" in reason
+        assert wait_until(lambda: not target(root, fields, ".part").exists())
+        assert not target(root, fields).exists()
+        # A new worker took its place, and the next transfer goes through.
+        assert wait_until(lambda: len(_workers_of(srv.proc.pid)) == 1 and worker.pid not in
+                          [p.pid for p in _workers_of(srv.proc.pid)])
+        _data, meta_path = make_file(root, 3 * BLOCK_SIZE + 1)
+        result = run_send(root, srv.port, meta_path)
+        assert result.returncode == 0, result.stderr
+    finally:
+        assert srv.stop() == 0

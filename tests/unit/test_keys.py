@@ -1,0 +1,222 @@
+"""Key pairs on disk, user names and their wire hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import string
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from Crypto.PublicKey import RSA
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.errors import ConfigError
+from engine.keys import keygen, load_private, load_public, share_public
+from engine.users import check_user, private_key_path, public_key_path, user_hash
+
+BITS = 2048
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Path]]:
+    """One keygen for the module, run with umask 0 so that any mode seen comes from keygen itself."""
+    root = tmp_path_factory.mktemp("keys")
+    old = os.umask(0)
+    try:
+        priv, pub = keygen(root, "alice", bits=BITS)
+    finally:
+        os.umask(old)
+    yield root, priv, pub
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_keygen_paths_and_modes(generated: tuple[Path, Path, Path]) -> None:
+    root, priv, pub = generated
+    assert priv == root / "alice" / "privateKey" / "alice.data"
+    assert pub == root / "alice" / "pubKey" / "alice.data"
+    assert mode(priv) == 0o600
+    assert mode(priv.parent) == 0o700
+    assert mode(pub) == 0o644
+    assert sorted(p.name for p in priv.parent.iterdir()) == ["alice.data"]  # no .tmp left behind
+    assert sorted(p.name for p in pub.parent.iterdir()) == ["alice.data"]
+
+
+def test_keygen_writes_a_matching_pair(generated: tuple[Path, Path, Path]) -> None:
+    _, priv, pub = generated
+    private = RSA.import_key(priv.read_bytes())
+    public = RSA.import_key(pub.read_bytes())
+    assert private.has_private() and not public.has_private()
+    assert private.size_in_bits() == BITS
+    assert public.n == private.n and public.e == private.e
+    assert b"PRIVATE" not in pub.read_bytes()
+    assert load_private(priv).n == private.n
+    assert load_public(pub).n == private.n
+    assert not load_public(pub).has_private()
+
+
+def test_load_public_of_a_private_file_gives_only_the_public_half(generated: tuple[Path, Path, Path]) -> None:
+    _, priv, _ = generated
+    key = load_public(priv)
+    assert not key.has_private()
+
+
+def test_keygen_refuses_to_overwrite(generated: tuple[Path, Path, Path]) -> None:
+    root, priv, pub = generated
+    before = priv.read_bytes(), pub.read_bytes()
+    with pytest.raises(ConfigError) as exc:
+        keygen(root, "alice", bits=BITS)
+    assert "--force" in exc.value.reason
+    assert (priv.read_bytes(), pub.read_bytes()) == before
+
+
+def test_keygen_force_replaces(tmp_path: Path) -> None:
+    priv, pub = keygen(tmp_path, "bob", bits=BITS)
+    old_n = RSA.import_key(priv.read_bytes()).n
+    priv2, pub2 = keygen(tmp_path, "bob", bits=BITS, force=True)
+    assert (priv2, pub2) == (priv, pub)
+    new = RSA.import_key(priv.read_bytes())
+    assert new.n != old_n
+    assert RSA.import_key(pub.read_bytes()).n == new.n
+    assert mode(priv) == 0o600
+    assert sorted(p.name for p in priv.parent.iterdir()) == ["bob.data"]
+
+
+def test_keygen_rejects_small_keys_and_bad_names(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="2048"):
+        keygen(tmp_path, "alice", bits=1024)
+    with pytest.raises(ConfigError):
+        keygen(tmp_path, ".alice", bits=BITS)
+    with pytest.raises(ConfigError):
+        keygen(tmp_path, "../alice", bits=BITS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_share_public(generated: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    root, _, pub = generated
+    dst = share_public(root, "alice", "carol")
+    assert dst == root / "carol" / "pubKey" / "alice.data"
+    assert dst.read_bytes() == pub.read_bytes()
+
+
+def test_load_private_missing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_private(tmp_path / "nobody.data")
+    assert "m2y keygen" in exc.value.reason
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"garbage", b"-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n"]
+)
+def test_load_private_garbage(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.data"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError):
+        load_private(path)
+
+
+def test_load_private_of_a_public_key(generated: tuple[Path, Path, Path]) -> None:
+    _, _, pub = generated
+    with pytest.raises(ConfigError, match="public key"):
+        load_private(pub)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"\x00\xff" * 100, b"-----BEGIN PUBLIC KEY-----\n!!\n"])
+def test_load_public_garbage(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.data"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as exc:
+        load_public(path)
+    assert str(path) in exc.value.reason
+
+
+def test_load_public_missing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_public(tmp_path / "nobody.data")
+
+
+def test_load_directory_is_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        load_private(tmp_path)
+    with pytest.raises(ConfigError):
+        load_public(tmp_path)
+
+
+# -- user names -----------------------------------------------------------------------------
+
+ALLOWED = set(string.ascii_letters + string.digits + "._-")
+
+
+def rule(name: str) -> bool:
+    """The documented rule, written without a regular expression."""
+    return 1 <= len(name) <= 64 and all(c in ALLOWED for c in name) and not name.startswith(".")
+
+
+@pytest.mark.parametrize(
+    "name", ["a", "Z", "0", "_", "-", "-x", "a.b", "a..", "zhenqiang", "roland-frei", "A_b-C.9", "x" * 64]
+)
+def test_check_user_accepts(name: str) -> None:
+    assert rule(name)
+    assert check_user(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", ".", "..", ".a", "x" * 65, "a b", "a/b", "a\\b", "é", "a\n", "a\x00", "\na", "a:b", "a@b", "ä", "١"],
+)
+def test_check_user_rejects(name: str) -> None:
+    assert not rule(name)
+    with pytest.raises(ConfigError):
+        check_user(name)
+
+
+@pytest.mark.parametrize("name", [None, 5, b"alice", ["alice"]])
+def test_check_user_rejects_non_strings(name: object) -> None:
+    with pytest.raises(ConfigError):
+        check_user(name)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from([*sorted(ALLOWED), " ", "/", "\n", "é", "\x00", "١"]), max_size=70))
+def test_check_user_matches_rule(name: str) -> None:
+    if rule(name):
+        assert check_user(name) == name
+    else:
+        with pytest.raises(ConfigError):
+            check_user(name)
+
+
+def test_key_paths_check_names(tmp_path: Path) -> None:
+    assert private_key_path(tmp_path, "bob") == tmp_path / "bob" / "privateKey" / "bob.data"
+    assert public_key_path(tmp_path, "bob", "alice") == tmp_path / "bob" / "pubKey" / "alice.data"
+    for bad in ("../x", ".x", "a/b"):
+        with pytest.raises(ConfigError):
+            private_key_path(tmp_path, bad)
+        with pytest.raises(ConfigError):
+            public_key_path(tmp_path, "bob", bad)
+
+
+# -- user hashes ----------------------------------------------------------------------------
+
+
+def test_user_hash_known_value() -> None:
+    # sha256(b"alice") = 2bd806c97f0e00af 1a1fc332...
+    assert user_hash("alice") == 0x2BD806C97F0E00AF
+
+
+@pytest.mark.parametrize("name", ["alice", "zhenqiang", "roland-frei", "x" * 64, "日本"])
+def test_user_hash_is_first_8_bytes_of_sha256_big_endian(name: str) -> None:
+    (expected,) = struct.unpack(">Q", hashlib.sha256(name.encode("utf-8")).digest()[:8])
+    assert user_hash(name) == expected
+    assert 0 <= user_hash(name) < 2**64
+
+
+def test_user_hashes_differ() -> None:
+    assert user_hash("alice") != user_hash("Alice")

@@ -1,0 +1,436 @@
+"""Metadata JSON: canonical form, metaCRC, parse() checks, path safety, the server's reply."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import meta
+from engine.crc import reference_crc64
+from engine.errors import ConfigError, RefuseCode, RemoteProtocolError
+
+WHEN = dt.datetime(2024, 3, 9, 14, 5, 7)
+WHEN_STRING = "09-03-2024_14-05-07"
+
+
+def base_fields() -> dict[str, Any]:
+    """Valid metadata without metaCRC."""
+    return {
+        "from": "zhenqiang",
+        "to": "roland-frei",
+        "folder": "photo",
+        "datetime": WHEN_STRING,
+        "filename": "myfoto.jpg",
+        "filesize": 65537,
+        "fileCRC": 0x995DC9BBDF1939FA,
+    }
+
+
+def oracle_canonical(fields: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in fields.items() if k != "metaCRC"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def encode(fields: dict[str, Any], crc: int | None = None) -> bytes:
+    """JSON of ``fields`` with a metaCRC computed here (crcmod), unless ``crc`` is given; ordinary json.dumps."""
+    out = {k: v for k, v in fields.items() if k != "metaCRC"}
+    out["metaCRC"] = reference_crc64(oracle_canonical(out)) if crc is None else crc
+    return json.dumps(out).encode()
+
+
+def refused(data: bytes, code: RefuseCode, extra: tuple[str, ...] = ()) -> RemoteProtocolError:
+    with pytest.raises(RemoteProtocolError) as exc:
+        meta.parse(data, extra)
+    assert exc.value.code is code, exc.value.reason
+    return exc.value
+
+
+# -- canonical JSON and metaCRC -------------------------------------------------------------
+
+
+def test_canonical_known_bytes() -> None:
+    fields = base_fields() | {"folder": "фото/été", "filename": "日本.jpg", "metaCRC": 12345}
+    expected = (
+        '{"datetime":"09-03-2024_14-05-07","fileCRC":11051210869376104954,"filename":"日本.jpg",'
+        '"filesize":65537,"folder":"фото/été","from":"zhenqiang","to":"roland-frei"}'
+    ).encode()
+    assert meta.canonical(fields) == expected
+    assert meta.meta_crc(fields) == reference_crc64(expected)
+
+
+def test_canonical_ignores_key_order_and_metacrc() -> None:
+    fields = base_fields()
+    reversed_fields = dict(reversed(list(fields.items())))
+    assert meta.canonical(reversed_fields) == meta.canonical(fields)
+    assert meta.canonical(fields | {"metaCRC": 1}) == meta.canonical(fields | {"metaCRC": 2})
+
+
+def test_canonical_escapes_only_what_json_must() -> None:
+    fields = {"a": 'quote" backslash\\ newline\n é'}
+    assert meta.canonical(fields) == '{"a":"quote\\" backslash\\\\ newline\\n é"}'.encode()
+
+
+def test_make_known_values() -> None:
+    fields = meta.make("zhenqiang", "roland-frei", "photo", "myfoto.jpg", 65537, 0x995DC9BBDF1939FA, when=WHEN)
+    assert fields["datetime"] == WHEN_STRING
+    assert {k: v for k, v in fields.items() if k != "metaCRC"} == base_fields()
+    assert fields["metaCRC"] == reference_crc64(oracle_canonical(base_fields()))
+
+
+def test_to_json_is_sorted_and_compact_with_metacrc() -> None:
+    fields = meta.with_crc(base_fields() | {"folder": "фото"})
+    data = meta.to_json(fields)
+    crc = reference_crc64(oracle_canonical(fields))
+    body = oracle_canonical(fields).decode()
+    expected_obj = json.loads(body) | {"metaCRC": crc}
+    assert data == json.dumps(expected_obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert "фото".encode() in data
+    assert b" " not in data
+
+
+def test_datetime_format() -> None:
+    assert meta.now_string(WHEN) == WHEN_STRING
+    assert meta.now_string(dt.datetime(1999, 12, 31, 23, 59, 58)) == "31-12-1999_23-59-58"
+
+
+# -- parse: accepts -------------------------------------------------------------------------
+
+
+def test_parse_accepts_make_output() -> None:
+    fields = meta.make("zhenqiang", "roland-frei", "a/b/c", "x.bin", 0, 0, when=WHEN)
+    parsed = meta.parse(meta.to_json(fields))
+    assert parsed == fields
+
+
+def test_parse_accepts_independently_encoded() -> None:
+    fields = base_fields() | {"folder": "фото", "filename": "日本 語.jpg"}
+    parsed = meta.parse(encode(fields))
+    assert parsed["metaCRC"] == reference_crc64(oracle_canonical(fields))
+    assert {k: v for k, v in parsed.items() if k != "metaCRC"} == fields
+
+
+@pytest.mark.parametrize("value", [0, 2**64 - 1])
+def test_parse_integer_bounds(value: int) -> None:
+    parsed = meta.parse(encode(base_fields() | {"filesize": value, "fileCRC": value}))
+    assert parsed["filesize"] == parsed["fileCRC"] == value
+
+
+def test_parse_with_extra_fields() -> None:
+    fields = base_fields() | {"filekey": "00" * 16, "salt": "00" * 4}
+    assert meta.parse(encode(fields), extra=("filekey", "salt"))["salt"] == "00000000"
+    refused(encode(fields), RefuseCode.BAD_METADATA)
+
+
+# -- parse: rejects -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [b"", b"not json", b"\xff\xfe{}", b"[1, 2]", b'"str"', b"null", b"{"])
+def test_parse_rejects_non_object(data: bytes) -> None:
+    refused(data, RefuseCode.BAD_METADATA)
+
+
+@pytest.mark.parametrize("missing", ["from", "to", "folder", "datetime", "filename", "filesize", "fileCRC"])
+def test_parse_rejects_missing_field(missing: str) -> None:
+    fields = base_fields()
+    del fields[missing]
+    error = refused(encode(fields), RefuseCode.BAD_METADATA)
+    assert missing in error.reason
+
+
+def test_parse_rejects_missing_metacrc() -> None:
+    refused(json.dumps(base_fields()).encode(), RefuseCode.BAD_METADATA)
+
+
+@pytest.mark.parametrize("unknown", ["extra", "From", "filekey", ""])
+def test_parse_rejects_unknown_field(unknown: str) -> None:
+    error = refused(encode(base_fields() | {unknown: "x"}), RefuseCode.BAD_METADATA)
+    assert repr(unknown) in error.reason
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("from", 5),
+        ("to", None),
+        ("folder", ["photo"]),
+        ("datetime", 20240309),
+        ("filename", {"a": 1}),
+        ("filesize", "65537"),
+        ("filesize", 65537.0),
+        ("filesize", -1),
+        ("filesize", 2**64),
+        ("fileCRC", None),
+        ("fileCRC", "0x1"),
+        ("fileCRC", -5),
+    ],
+)
+def test_parse_rejects_wrong_type(name: str, value: Any) -> None:
+    error = refused(encode(base_fields() | {name: value}), RefuseCode.BAD_METADATA)
+    assert repr(name) in error.reason
+
+
+@pytest.mark.parametrize("name", ["filesize", "fileCRC"])
+@pytest.mark.parametrize("value", [True, False])
+def test_parse_rejects_bool_for_int(name: str, value: bool) -> None:
+    refused(encode(base_fields() | {name: value}), RefuseCode.BAD_METADATA)
+
+
+@pytest.mark.parametrize("crc", [True, "123", 1.5, -1, 2**64])
+def test_parse_rejects_bad_metacrc_type(crc: Any) -> None:
+    refused(encode(base_fields(), crc=crc), RefuseCode.BAD_METADATA)
+
+
+def test_parse_rejects_metacrc_mismatch() -> None:
+    good = reference_crc64(oracle_canonical(base_fields()))
+    refused(encode(base_fields(), crc=good ^ 1), RefuseCode.META_CRC)
+    refused(encode(base_fields(), crc=0), RefuseCode.META_CRC)
+
+
+def test_parse_rejects_field_changed_after_crc() -> None:
+    fields = meta.make("zhenqiang", "roland-frei", "photo", "x.bin", 100, 7, when=WHEN)
+    for name, value in [("filesize", 101), ("fileCRC", 8), ("folder", "photos"), ("from", "mallory")]:
+        changed = dict(fields) | {name: value}
+        refused(json.dumps(changed).encode(), RefuseCode.META_CRC)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "2024-03-09 14:05:07",
+        "9-3-2024_14-05-07",
+        "09-03-24_14-05-07",
+        "09-03-2024_14-05-07\n",
+        "09-03-2024_14-05-07x",
+        " 09-03-2024_14-05-07",
+        "09/03/2024_14-05-07",
+        "09-03-2024T14-05-07",
+        "aa-bb-cccc_dd-ee-ff",
+    ],
+)
+def test_parse_rejects_bad_datetime(value: str) -> None:
+    refused(encode(base_fields() | {"datetime": value}), RefuseCode.BAD_METADATA)
+
+
+@pytest.mark.parametrize("value", ["٠٩-٠٣-٢٠٢٤_١٤-٠٥-٠٧", "０９-０３-２０２４_１４-０５-０７"])
+def test_parse_rejects_non_ascii_digits_in_datetime(value: str) -> None:
+    refused(encode(base_fields() | {"datetime": value}), RefuseCode.BAD_METADATA)
+
+
+@pytest.mark.parametrize("name", ["from", "to"])
+@pytest.mark.parametrize("user", ["", ".hidden", "a/b", "a b", "é", "x" * 65, "a\n", "..", "a\x00"])
+def test_parse_rejects_bad_user_names(name: str, user: str) -> None:
+    refused(encode(base_fields() | {name: user}), RefuseCode.BAD_METADATA)
+
+
+@pytest.mark.parametrize("filename", ["a/b", "/etc", "dir/", "a\x00b", "", ".", "..", "x" * 256])
+def test_parse_rejects_bad_filename(filename: str) -> None:
+    refused(encode(base_fields() | {"filename": filename}), RefuseCode.UNSAFE_PATH)
+
+
+@pytest.mark.parametrize("filename", ["x", ".hidden.jpg", "x" * 255, "日本.jpg", "a..b"])
+def test_parse_accepts_plain_filenames(filename: str) -> None:
+    assert meta.parse(encode(base_fields() | {"filename": filename}))["filename"] == filename
+
+
+@pytest.mark.parametrize("folder", ["../etc", "/abs", "a/../b", ".git", "a\\b", "a\x00b"])
+def test_parse_rejects_unsafe_folder(folder: str) -> None:
+    refused(encode(base_fields() | {"folder": folder}), RefuseCode.UNSAFE_PATH)
+
+
+# -- safe_folder ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "folder",
+    [
+        "..",
+        "../x",
+        "a/..",
+        "a/../b",
+        "/abs",
+        "/",
+        "//x",
+        "a\x00",
+        "a\\b",
+        "..\\x",
+        ".",
+        "./a",
+        "a/.",
+        "a/./b",
+        ".hidden",
+        "a/.hidden",
+        "a/.hidden/b",
+        "",
+        "a" * 1025,
+        "é" * 513,  # 1026 bytes in UTF-8
+        "a\nb",
+        "a\tb",
+        "a\x1fb",
+    ],
+)
+def test_safe_folder_rejects(folder: str) -> None:
+    with pytest.raises(RemoteProtocolError) as exc:
+        meta.safe_folder(folder)
+    assert exc.value.code is RefuseCode.UNSAFE_PATH
+
+
+@pytest.mark.parametrize("folder", [None, 5, b"photo", ["photo"]])
+def test_safe_folder_rejects_non_strings(folder: object) -> None:
+    with pytest.raises(RemoteProtocolError) as exc:
+        meta.safe_folder(folder)
+    assert exc.value.code is RefuseCode.UNSAFE_PATH
+
+
+@pytest.mark.parametrize(
+    "folder", ["photo", "a/b/c", "фото", "a b", "a..b", "a.", "x-y_z", "a" * 1024, "/".join(["d"] * 300)]
+)
+def test_safe_folder_accepts(folder: str) -> None:
+    assert meta.safe_folder(folder) == folder
+
+
+def test_make_rejects_bad_input() -> None:
+    with pytest.raises(ConfigError):
+        meta.make("zhenqiang", "roland-frei", "../up", "x", 1, 1)
+    with pytest.raises(ConfigError):
+        meta.make(".bad", "roland-frei", "photo", "x", 1, 1)
+    with pytest.raises(ConfigError):
+        meta.make("zhenqiang", "bad name", "photo", "x", 1, 1)
+
+
+@pytest.mark.parametrize("folder", ["photo/", "a//b"])
+def test_parse_output_is_self_consistent(folder: str) -> None:
+    fields = meta.make("zhenqiang", "roland-frei", folder, "x.bin", 1, 2, when=WHEN)
+    parsed = meta.parse(meta.to_json(fields))  # what the client reads from the .meta
+    assert parsed["metaCRC"] == reference_crc64(oracle_canonical(parsed))
+    meta.parse(meta.to_json(parsed))  # what the server parses from the envelope
+
+
+# -- .meta files ----------------------------------------------------------------------------
+
+
+def test_read_meta_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.meta"
+    path.write_bytes(encode(base_fields()))
+    assert meta.read_meta_file(path)["filename"] == "myfoto.jpg"
+
+
+def test_read_meta_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such"):
+        meta.read_meta_file(tmp_path / "missing.meta")
+    bad = tmp_path / "bad.meta"
+    bad.write_bytes(encode(base_fields(), crc=1))
+    with pytest.raises(ConfigError) as exc:
+        meta.read_meta_file(bad)
+    assert "bad.meta" in exc.value.reason and "metaCRC" in exc.value.reason
+
+
+# -- the server's reply ---------------------------------------------------------------------
+
+
+def sent_fields() -> dict[str, Any]:
+    return meta.parse(encode(base_fields()))
+
+
+def test_reply_round_trip() -> None:
+    sent = sent_fields()
+    reply, filekey, salt = meta.add_reply_fields(sent)
+    assert len(filekey) == 16 and len(salt) == 4
+    assert reply["filekey"] == filekey.hex() and reply["salt"] == salt.hex()
+    assert set(reply) == {*sent, "filekey", "salt"}
+    assert {k: reply[k] for k in sent if k != "metaCRC"} == {k: v for k, v in sent.items() if k != "metaCRC"}
+    assert reply["metaCRC"] == reference_crc64(oracle_canonical(reply))
+    assert meta.check_reply(sent, meta.to_json(reply)) == (filekey, salt)
+    assert meta.parse(meta.to_json(reply), extra=("filekey", "salt")) == reply
+    assert sent == sent_fields()  # not modified in place
+
+
+def test_reply_keys_are_fresh() -> None:
+    sent = sent_fields()
+    _, key1, salt1 = meta.add_reply_fields(sent)
+    _, key2, salt2 = meta.add_reply_fields(sent)
+    assert key1 != key2
+    assert (key1, salt1) != (key2, salt2)
+
+
+def reply_bytes(sent: dict[str, Any], **changes: Any) -> bytes:
+    """A reply built here, with ``changes`` applied before the metaCRC is computed; None deletes."""
+    reply = {k: v for k, v in sent.items() if k != "metaCRC"} | {"filekey": "ab" * 16, "salt": "cd" * 4}
+    for name, value in changes.items():
+        if value is None:
+            del reply[name]
+        else:
+            reply[name] = value
+    return encode(reply)
+
+
+def check_reply_refused(sent: dict[str, Any], data: bytes, code: RefuseCode) -> None:
+    with pytest.raises(RemoteProtocolError) as exc:
+        meta.check_reply(sent, data)
+    assert exc.value.code is code, exc.value.reason
+
+
+def test_check_reply_accepts_independent_reply() -> None:
+    sent = sent_fields()
+    assert meta.check_reply(sent, reply_bytes(sent)) == (b"\xab" * 16, b"\xcd" * 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("from", "mallory"),
+        ("to", "zhenqiang"),
+        ("folder", "other"),
+        ("datetime", "10-03-2024_14-05-07"),
+        ("filename", "other.jpg"),
+        ("filesize", 65538),
+        ("fileCRC", 1),
+    ],
+)
+def test_check_reply_rejects_changed_field(name: str, value: Any) -> None:
+    sent = sent_fields()
+    check_reply_refused(sent, reply_bytes(sent, **{name: value}), RefuseCode.BAD_METADATA)
+
+
+@pytest.mark.parametrize("changes", [{"extra": "x"}, {"filekey": None}, {"salt": None}, {"folder": None}])
+def test_check_reply_rejects_wrong_field_set(changes: dict[str, Any]) -> None:
+    sent = sent_fields()
+    check_reply_refused(sent, reply_bytes(sent, **changes), RefuseCode.BAD_METADATA)
+
+
+def test_check_reply_rejects_bad_metacrc() -> None:
+    sent = sent_fields()
+    reply = json.loads(reply_bytes(sent))
+    reply["metaCRC"] ^= 1
+    check_reply_refused(sent, json.dumps(reply).encode(), RefuseCode.META_CRC)
+    reply["metaCRC"] ^= 1
+    reply["salt"] = "00" * 4  # changed after the CRC was computed
+    check_reply_refused(sent, json.dumps(reply).encode(), RefuseCode.META_CRC)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"filekey": "ab" * 15},
+        {"filekey": "ab" * 17},
+        {"filekey": ""},
+        {"salt": "cd" * 3},
+        {"salt": "cd" * 5},
+        {"filekey": "zz" * 16},
+        {"salt": "c"},
+        {"filekey": 5},
+        {"salt": ["cd"]},
+    ],
+)
+def test_check_reply_rejects_bad_key_or_salt(changes: dict[str, Any]) -> None:
+    sent = sent_fields()
+    check_reply_refused(sent, reply_bytes(sent, **changes), RefuseCode.BAD_METADATA)
+
+
+@pytest.mark.parametrize("data", [b"", b"nope", b"\xff", b"[]", b"null"])
+def test_check_reply_rejects_non_object(data: bytes) -> None:
+    check_reply_refused(sent_fields(), data, RefuseCode.BAD_METADATA)
