@@ -61,6 +61,7 @@ class ServerConfig:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     batch: int = 16
     workers: int = 0
+    max_clients: int = 64
 
 
 class KeyRing:
@@ -164,6 +165,12 @@ class Server:
                 await asyncio.sleep(0.1)
                 continue
             sock.setblocking(False)
+            if len(self._tasks) >= self.config.max_clients:
+                with contextlib.suppress(OSError):
+                    sock.send(refusal_bytes(RefuseCode.BUSY, f"server busy: {self.config.max_clients} "
+                                                              "transfers in progress; try again later"))
+                sock.close()
+                continue
             task = asyncio.ensure_future(self._handle(sock, addr))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

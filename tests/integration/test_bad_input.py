@@ -293,3 +293,20 @@ def test_server_survives_a_flood_of_junk_connections(root: Path, server: ServerP
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
             s.sendall(os.urandom(i * 7))
     assert_still_serves(root, server)
+
+
+def test_too_many_clients_are_refused_as_busy(root: Path) -> None:
+    srv = start_server(root, "--max-clients", "2")
+    try:
+        held = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(2)]
+        time.sleep(0.3)
+        with RawClient(srv.port) as c:
+            code, reason = c.read_refusal()
+        assert code == RefuseCode.BUSY and "busy" in reason
+        for s in held:
+            s.close()
+        assert wait_until(lambda: srv.alive())
+        time.sleep(0.3)
+        assert_still_serves(root, srv)
+    finally:
+        assert srv.stop() == 0
