@@ -40,6 +40,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-meta", type=int, default=64 * 1024, help="largest metadata envelope, bytes")
     p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
                    help="seconds a client may stay silent mid-transfer")
+    p.add_argument("--handshake-timeout", type=float, default=10.0,
+                   help="seconds a client has to send its header and metadata, however it trickles them")
     p.add_argument("--max-clients", type=int, default=64, help="transfers at once; more are refused as busy")
     _add_workers(p)
 
@@ -119,7 +121,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"root {root} is not a folder; create users with 'm2y keygen USER --root {root}'")
     config = ServerConfig(root=root, host=args.host, port=args.port, max_envelope=args.max_meta,
                           max_file_size=args.max_file_size, idle_timeout=args.idle_timeout,
-                          workers=_workers(args), max_clients=args.max_clients)
+                          workers=_workers(args), max_clients=args.max_clients,
+                          handshake_timeout=args.handshake_timeout)
 
     def listening(server: Server) -> None:
         names = ", ".join(sorted(n for n, _ in server.keys.users.values())) or "none yet"

@@ -142,8 +142,9 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
                    pool: WorkerPool | None = None) -> int:
     """Send one prepared file; returns bytes sent on ACK, raises M2YError otherwise."""
     fields = p.fields
+    sent = meta.request(fields)
     from_hash, to_hash = user_hash(fields["from"]), user_hash(fields["to"])
-    sealed = envelope.seal(p.recipient_key, meta.to_json(fields),
+    sealed = envelope.seal(p.recipient_key, meta.to_json(sent),
                            envelope.aad(envelope.REQUEST, from_hash, to_hash))
     sock = await _connect(host, port, timeout)
     ch = _Channel(sock, Connection(Role.CLIENT), timeout)
@@ -157,7 +158,7 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
         if not isinstance(event, Reply):
             raise _refused(event)
         plain = envelope.open_(p.private_key, event.envelope, envelope.aad(envelope.REPLY, from_hash, to_hash))
-        filekey, salt = meta.check_reply(fields, plain)
+        filekey, salt = meta.check_reply(sent, plain)
         cipher = BlockCipher(filekey, salt)
         filesize = fields["filesize"]
         ch.conn.set_filesize(filesize)

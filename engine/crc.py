@@ -32,8 +32,9 @@ def reference_crc64(data: bytes) -> int:
 
 # -- joining CRCs of consecutive pieces (zlib's crc32_combine, for 64 bits) --------------------------
 # CRC-64/XZ is linear over GF(2): crc(A || B) = shift(crc(A), len(B)) ^ crc(B), where shift()
-# feeds len(B) zero bytes through the register. shift() is a 64x64 bit matrix; the matrix
-# for a given length is built once (batches have one length but the last) and cached.
+# feeds len(B) zero bytes through the register. shift() is a 64x64 bit matrix; the matrices
+# for 2^k zero bytes are built once, and a shift by n bytes applies one per set bit of n
+# (a 1 MiB batch is a single matrix-vector product).
 
 _REFLECTED_POLY = 0xC96C5795D7870F42
 
@@ -49,29 +50,27 @@ def _times(matrix: tuple[int, ...], vector: int) -> int:
     return out
 
 
-def _compose(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    """The matrix of applying b, then a."""
-    return tuple(_times(a, col) for col in b)
+def _square(m: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(_times(m, col) for col in m)
 
 
-@functools.lru_cache(maxsize=64)
-def _shift_matrix(nbytes: int) -> tuple[int, ...]:
-    one_bit = (_REFLECTED_POLY, *(1 << n for n in range(63)))
-    power = one_bit
-    for _ in range(3):  # 8 zero bits = one zero byte
-        power = _compose(power, power)
-    result = tuple(1 << n for n in range(64))  # identity
-    while nbytes:
-        if nbytes & 1:
-            result = _compose(power, result)
-        nbytes >>= 1
-        if nbytes:
-            power = _compose(power, power)
-    return result
+@functools.cache
+def _zero_bytes(k: int) -> tuple[int, ...]:
+    """The matrix that feeds 2^k zero bytes through the register."""
+    if k == 0:
+        m = (_REFLECTED_POLY, *(1 << n for n in range(63)))  # one zero bit
+        for _ in range(3):
+            m = _square(m)
+        return m
+    return _square(_zero_bytes(k - 1))
 
 
 def crc64_combine(crc_a: int, crc_b: int, len_b: int) -> int:
     """CRC-64/XZ of A || B from crc(A), crc(B) and len(B)."""
-    if len_b == 0:
-        return crc_a
-    return _times(_shift_matrix(len_b), crc_a) ^ crc_b
+    k = 0
+    while len_b:
+        if len_b & 1:
+            crc_a = _times(_zero_bytes(k), crc_a)
+        len_b >>= 1
+        k += 1
+    return crc_a ^ crc_b

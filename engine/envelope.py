@@ -24,6 +24,7 @@ REPLY = b"m2y/1 reply"
 NONCE_LEN = 12
 TAG_LEN = 16
 KEY_LEN = 16
+_CANNOT = "cannot decrypt the metadata envelope (wrong key, or not an m2y envelope)"
 
 
 def aad(direction: bytes, from_hash: int, to_hash: int) -> bytes:
@@ -42,10 +43,7 @@ def open_(private_key: RSA.RsaKey, envelope: bytes, associated: bytes) -> bytes:
     """Decrypt an envelope; any failure is one RemoteProtocolError (no oracle on which step failed)."""
     k = private_key.size_in_bytes()
     if len(envelope) < k + NONCE_LEN + TAG_LEN:
-        raise RemoteProtocolError(
-            f"envelope of {len(envelope)} bytes is too short for a {k * 8}-bit key",
-            RefuseCode.BAD_ENVELOPE,
-        )
+        raise RemoteProtocolError(_CANNOT, RefuseCode.BAD_ENVELOPE)
     try:
         key = PKCS1_OAEP.new(private_key, hashAlgo=SHA256).decrypt(envelope[:k])
         if len(key) != KEY_LEN:
@@ -53,7 +51,4 @@ def open_(private_key: RSA.RsaKey, envelope: bytes, associated: bytes) -> bytes:
         nonce = envelope[k : k + NONCE_LEN]
         return AESGCM(key).decrypt(nonce, envelope[k + NONCE_LEN :], associated)
     except (ValueError, TypeError, InvalidTag):
-        raise RemoteProtocolError(
-            "cannot decrypt the metadata envelope (wrong key, or not an m2y envelope)",
-            RefuseCode.BAD_ENVELOPE,
-        ) from None
+        raise RemoteProtocolError(_CANNOT, RefuseCode.BAD_ENVELOPE) from None

@@ -58,6 +58,7 @@ def keygen(root: Path, user: str, bits: int = DEFAULT_BITS, force: bool = False)
 def load_private(path: Path) -> RSA.RsaKey:
     try:
         data = path.read_bytes()
+        mode = path.stat().st_mode & 0o777
     except FileNotFoundError:
         raise ConfigError(f"private key {path} not found; create it with 'm2y keygen'") from None
     except OSError as exc:
@@ -68,6 +69,8 @@ def load_private(path: Path) -> RSA.RsaKey:
         raise ConfigError(f"{path} is not a PEM RSA key") from None
     if not key.has_private():
         raise ConfigError(f"{path} holds a public key, not a private one")
+    if mode & 0o077:
+        raise ConfigError(f"private key {path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
     return key
 
 

@@ -10,6 +10,7 @@ import datetime as _dt
 import json
 import re
 import secrets
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -19,12 +20,13 @@ from .errors import ConfigError, RefuseCode, RemoteProtocolError
 from .users import check_user
 
 FIELDS = ("from", "to", "folder", "datetime", "filename", "filesize", "fileCRC", "metaCRC")
-REPLY_FIELDS = (*FIELDS, "filekey", "salt")
 DATETIME_FORMAT = "%d-%m-%Y_%H-%M-%S"
 _DATETIME = re.compile(r"[0-9]{2}-[0-9]{2}-[0-9]{4}_[0-9]{2}-[0-9]{2}-[0-9]{2}\Z")
 U64_MAX = (1 << 64) - 1
 MAX_FOLDER_LEN = 1024
 MAX_FILENAME_LEN = 255
+KEY_FOLDERS = ("pubkey", "privatekey")  # a sender must not plant keys the recipient then trusts
+NONCE_FIELD = "nonce"  # request only: 16 random bytes (hex) the reply must echo
 SALT_LEN = 4
 FILEKEY_LEN = 16
 
@@ -58,8 +60,8 @@ def safe_folder(folder: object) -> str:
         raise RemoteProtocolError("folder contains a NUL byte", RefuseCode.UNSAFE_PATH)
     if len(folder.encode("utf-8", "surrogatepass")) > MAX_FOLDER_LEN:
         raise RemoteProtocolError(f"folder longer than {MAX_FOLDER_LEN} bytes", RefuseCode.UNSAFE_PATH)
-    if "\\" in folder or any(ord(c) < 32 for c in folder):
-        raise RemoteProtocolError("folder contains a backslash or a control character", RefuseCode.UNSAFE_PATH)
+    if "\\" in folder or any(unicodedata.category(c)[0] == "C" or c in "\u2028\u2029" for c in folder):
+        raise RemoteProtocolError("folder contains a backslash or a control/format character", RefuseCode.UNSAFE_PATH)
     if folder.startswith("/"):
         raise RemoteProtocolError(f"folder {folder!r} is an absolute path", RefuseCode.UNSAFE_PATH)
     parts = PurePosixPath(folder).parts
@@ -67,6 +69,9 @@ def safe_folder(folder: object) -> str:
         raise RemoteProtocolError(f"folder {folder!r} contains '..' or '.'", RefuseCode.UNSAFE_PATH)
     if not parts or any(p.startswith(".") for p in parts):
         raise RemoteProtocolError(f"folder {folder!r} has a hidden component", RefuseCode.UNSAFE_PATH)
+    if parts[0].lower() in KEY_FOLDERS:
+        raise RemoteProtocolError(f"folder {folder!r} would write into the key folder {parts[0]!r}",
+                                  RefuseCode.UNSAFE_PATH)
     return "/".join(parts)
 
 
@@ -82,12 +87,18 @@ def _expect(fields: Mapping[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def parse(data: bytes, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Parse and check metadata JSON: exactly FIELDS (+ ``extra``), right types, metaCRC, safe names."""
+def _load(data: bytes, what: str) -> Any:
     try:
         fields = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise RemoteProtocolError("metadata is not UTF-8 JSON", RefuseCode.BAD_METADATA) from None
+        canonical(fields if isinstance(fields, dict) else {})  # lone surrogates fail here, not later
+    except (ValueError, RecursionError):
+        raise RemoteProtocolError(f"{what} is not UTF-8 JSON", RefuseCode.BAD_METADATA) from None
+    return fields
+
+
+def parse(data: bytes, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Parse and check metadata JSON: exactly FIELDS (+ ``extra``), right types, metaCRC, safe names."""
+    fields = _load(data, "metadata")
     if not isinstance(fields, dict):
         raise RemoteProtocolError("metadata is not a JSON object", RefuseCode.BAD_METADATA)
     expected = set(FIELDS) | set(extra)
@@ -107,8 +118,16 @@ def parse(data: bytes, extra: tuple[str, ...] = ()) -> dict[str, Any]:
             check_user(fields[name])
         except ConfigError as exc:
             raise RemoteProtocolError(exc.reason, RefuseCode.BAD_METADATA) from None
-    if not _DATETIME.match(fields["datetime"]):
-        raise RemoteProtocolError("datetime must look like dd-mm-yyyy_HH-MM-SS", RefuseCode.BAD_METADATA)
+    try:
+        if not _DATETIME.match(fields["datetime"]):
+            raise ValueError
+        _dt.datetime.strptime(fields["datetime"], DATETIME_FORMAT)
+    except ValueError:
+        raise RemoteProtocolError("datetime must be a date dd-mm-yyyy_HH-MM-SS", RefuseCode.BAD_METADATA) from None
+    if NONCE_FIELD in extra:
+        nonce = fields[NONCE_FIELD]
+        if not isinstance(nonce, str) or not re.fullmatch(r"[0-9a-f]{32}", nonce):
+            raise RemoteProtocolError("nonce must be 32 lowercase hex digits", RefuseCode.BAD_METADATA)
     name = fields["filename"]
     if not name or "/" in name or "\x00" in name or name in (".", "..") or len(name) > MAX_FILENAME_LEN:
         raise RemoteProtocolError("filename must be a plain base name", RefuseCode.UNSAFE_PATH)
@@ -164,17 +183,30 @@ def add_reply_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], bytes, 
     return with_crc(reply), filekey, salt
 
 
+def request(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """What the client sends: the .meta fields plus a fresh nonce, metaCRC recomputed.
+
+    The nonce is what makes the reply prove the server holds the recipient's private key:
+    the other fields could be guessed, the nonce can only be read from the envelope.
+    """
+    out = dict(fields)
+    out[NONCE_FIELD] = secrets.token_hex(16)
+    return with_crc(out)
+
+
+def stored(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The request as the server keeps it (.meta): without the nonce, metaCRC as in the sender's .meta."""
+    return with_crc({k: v for k, v in fields.items() if k != NONCE_FIELD})
+
+
 def check_reply(sent: Mapping[str, Any], data: bytes) -> tuple[bytes, bytes]:
     """Check the reply echoes exactly what was sent plus filekey and salt; return (filekey, salt)."""
-    try:
-        fields = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise RemoteProtocolError("reply is not UTF-8 JSON", RefuseCode.BAD_METADATA) from None
-    if not isinstance(fields, dict) or set(fields) != set(REPLY_FIELDS):
+    fields = _load(data, "reply")
+    if not isinstance(fields, dict) or set(fields) != set(sent) | {"filekey", "salt"}:
         raise RemoteProtocolError("reply does not carry exactly the expected fields", RefuseCode.BAD_METADATA)
     if fields["metaCRC"] != meta_crc(fields):
         raise RemoteProtocolError("reply metaCRC does not match", RefuseCode.META_CRC)
-    for name in FIELDS:
+    for name in sent:
         if name != "metaCRC" and fields[name] != sent[name]:
             raise RemoteProtocolError(f"reply changed field {name!r}", RefuseCode.BAD_METADATA)
     try:

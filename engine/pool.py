@@ -76,6 +76,7 @@ class Ring(Protocol):
 
     depth: int
     on_failure: Callable[[M2YError], None] | None  # called as soon as a batch fails
+    verified: int  # batches whose blocks all authenticated
 
     def plain(self, slot: int) -> memoryview: ...
     def frames(self, slot: int) -> memoryview: ...
@@ -130,6 +131,7 @@ class InlineRing:
         self._mem = _SlotMemory(memoryview(bytearray((plain_size + frame_size) * depth)), batch, depth)
         self._done: collections.deque[tuple[int, int, int]] = collections.deque()
         self.on_failure: Callable[[M2YError], None] | None = None
+        self.verified = 0
 
     def plain(self, slot: int) -> memoryview:
         return self._mem.plain(slot)
@@ -141,6 +143,7 @@ class InlineRing:
         """Process at once: a bad block raises here, before anything else is received."""
         crc = process_batch(self._cipher, op, self.plain(slot), self.frames(slot), first, plain_len)
         self._done.append((slot, crc, plain_len))
+        self.verified += 1
 
     async def result(self) -> tuple[int, int, int]:
         return self._done.popleft()
@@ -249,7 +252,7 @@ class WorkerPool:
         assert self._loop is not None
         self._loop.remove_reader(dead.pipe.fileno())
         dead.pipe.close()
-        dead.process.join(0.5)  # reap it
+        dead.process.join(0)  # reap it if it is gone already; never block the loop
         for seq, (fut, w) in list(self._pending.items()):
             if w is dead:
                 del self._pending[seq]
@@ -304,10 +307,17 @@ class PoolRing:
         self._pool = pool
         self._keysalt = keysalt
         self._batch = batch
-        self._shm = SharedMemory(name=f"m2y-{os.getpid()}-{secrets.token_hex(6)}", create=True,
-                                 size=(plain_size + frame_size) * depth)
+        size = (plain_size + frame_size) * depth
+        self._shm = SharedMemory(name=f"m2y-{os.getpid()}-{secrets.token_hex(6)}", create=True, size=size)
+        try:  # take the pages now: a full /dev/shm must be an error here, not a SIGBUS in a worker
+            os.posix_fallocate(self._shm._fd, 0, size)  # type: ignore[attr-defined]
+        except OSError as exc:
+            self._shm.close()
+            self._shm.unlink()
+            raise M2YError(f"cannot reserve {size} bytes of shared memory in /dev/shm: {exc.strerror}") from None
         self._mem = _SlotMemory(self._shm.buf, batch, depth)  # type: ignore[arg-type]
         self.on_failure: Callable[[M2YError], None] | None = None
+        self.verified = 0
         self._queue: collections.deque[tuple[int, int, asyncio.Future[tuple[int, str | None, int]]]] = (
             collections.deque()
         )
@@ -325,7 +335,11 @@ class PoolRing:
 
     def _check(self, fut: asyncio.Future[tuple[int, str | None, int]]) -> None:
         """Tell the owner at once when a batch fails: it may be blocked on the socket, not on us."""
-        if fut.cancelled() or self.on_failure is None:
+        if fut.cancelled():
+            return
+        if fut.exception() is None and fut.result()[1] is None:
+            self.verified += 1
+        if self.on_failure is None:
             return
         exc = fut.exception()
         if isinstance(exc, M2YError):

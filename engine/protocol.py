@@ -162,7 +162,8 @@ def frames_size(filesize: int, first: int, count: int) -> int:
 
 def refusal_bytes(code: int, reason: str) -> bytes:
     """A REFUSED message; the reason is cut to MAX_REASON bytes."""
-    body = REFUSE_CODE.pack(code) + reason.encode("utf-8", "replace")[:MAX_REASON]
+    text = reason.encode("utf-8", "replace")[:MAX_REASON].decode("utf-8", "ignore")  # whole characters only
+    body = REFUSE_CODE.pack(code) + text.encode("utf-8")
     return SERVER_PREFIX.pack(Kind.REFUSED, len(body)) + body
 
 

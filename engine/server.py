@@ -62,17 +62,41 @@ class ServerConfig:
     batch: int = 16
     workers: int = 0
     max_clients: int = 64
+    handshake_timeout: float = 10.0
 
 
 class KeyRing:
-    """Users this server serves (those with a private key under root) and the peers they know."""
+    """Users this server serves (those with a private key under root) and the peers they know.
+
+    Keys are parsed once per (path, mtime) and the root is rescanned for new users at most
+    every RESCAN seconds, so a stream of bogus headers cannot make the server re-read keys.
+    A key file that does not load is skipped with a log line, not fatal.
+    """
+
+    RESCAN = 5.0
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.users: dict[int, tuple[str, RSA.RsaKey]] = {}
+        self._cache: dict[Path, tuple[int, RSA.RsaKey]] = {}
+        self._scanned = -1e9
         self.scan()
 
+    def _load(self, path: Path, private: bool) -> RSA.RsaKey | None:
+        try:
+            mtime = path.stat().st_mtime_ns
+            hit = self._cache.get(path)
+            if hit is not None and hit[0] == mtime:
+                return hit[1]
+            key = load_private(path) if private else load_public(path)
+        except (M2YError, OSError) as exc:
+            log.warning("skipping key %s: %s", path, getattr(exc, "reason", exc))
+            return None
+        self._cache[path] = (mtime, key)
+        return key
+
     def scan(self) -> None:
+        self._scanned = time.monotonic()
         users = {}
         if self.root.is_dir():
             for home in sorted(self.root.iterdir()):
@@ -81,12 +105,12 @@ class KeyRing:
                 except M2YError:
                     continue
                 path = home / "privateKey" / f"{name}.data"
-                if path.is_file():
-                    users[user_hash(name)] = (name, load_private(path))
+                if path.is_file() and (key := self._load(path, True)) is not None:
+                    users[user_hash(name)] = (name, key)
         self.users = users
 
     def recipient(self, to_hash: int) -> tuple[str, RSA.RsaKey]:
-        if to_hash not in self.users:
+        if to_hash not in self.users and time.monotonic() - self._scanned >= self.RESCAN:
             self.scan()  # a user may have been added since start
         try:
             return self.users[to_hash]
@@ -104,17 +128,13 @@ class KeyRing:
                 check_user(name)
             except M2YError:
                 continue
-            if user_hash(name) == from_hash:
-                return name, load_public(path)
+            if user_hash(name) == from_hash and (key := self._load(path, False)) is not None:
+                return name, key
         raise RemoteProtocolError(
             f"{recipient} has no public key for sender hash {from_hash:016x}; "
             f"copy the sender's key into {recipient}/pubKey/",
             RefuseCode.UNKNOWN_SENDER,
         )
-
-
-class _Timeout(Exception):
-    pass
 
 
 class Server:
@@ -202,13 +222,20 @@ class _Session:
         self.label = "?"
         self.started = time.monotonic()
         self.timed_out = False
+        self.timeout_reason = ""
         self.failure: M2YError | None = None
+        # A deadline no trickle of bytes can push back: the handshake, then the first authenticated
+        # batch must arrive in time, so a stranger cannot hold a name, a slot or disk reservation.
+        self.deadline: tuple[float, str] | None = (
+            self.loop.time() + cfg.handshake_timeout,
+            f"header and metadata not received within {cfg.handshake_timeout:g} s",
+        )
 
     async def run(self) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._watchdog = self.loop.call_later(self._idle(), self._check_idle)
+        self._watchdog = self.loop.call_later(0.05, self._check_idle)
         outcome = "?"
         try:
             await self._transfer()
@@ -222,9 +249,8 @@ class _Session:
                 outcome = f"REFUSED {code.name}: {self.failure.reason}"
                 await self._refuse(code, self.failure.reason)
             elif self.timed_out:
-                reason = f"idle for {self.server.config.idle_timeout:g} s"
-                outcome = f"REFUSED TIMEOUT: {reason}"
-                await self._refuse(RefuseCode.TIMEOUT, reason)
+                outcome = f"REFUSED TIMEOUT: {self.timeout_reason}"
+                await self._refuse(RefuseCode.TIMEOUT, self.timeout_reason)
             else:
                 outcome = "CANCELLED (server stopping)"
                 raise
@@ -248,12 +274,22 @@ class _Session:
         return self.server.config.idle_timeout
 
     def _check_idle(self) -> None:
-        idle = self.loop.time() - self.last_rx
+        now = self.loop.time()
+        idle = now - self.last_rx
+        if self.deadline is not None and self.ring is not None and self.ring.verified:
+            self.deadline = None  # the sender has proved it holds the filekey
         if idle >= self._idle():
-            self.timed_out = True
-            self._task.cancel()
+            self.timeout_reason = f"idle for {self._idle():g} s"
+        elif self.deadline is not None and now >= self.deadline[0]:
+            self.timeout_reason = self.deadline[1]
         else:
-            self._watchdog = self.loop.call_later(self._idle() - idle, self._check_idle)
+            wait = self._idle() - idle
+            if self.deadline is not None:
+                wait = min(wait, self.deadline[0] - now)
+            self._watchdog = self.loop.call_later(max(wait, 0.05), self._check_idle)
+            return
+        self.timed_out = True
+        self._task.cancel()
 
     def _log(self, outcome: str) -> None:
         elapsed = max(time.monotonic() - self.started, 1e-9)
@@ -292,12 +328,12 @@ class _Session:
         assert isinstance(env, Envelope)
         plain = envelope.open_(private_key, env.data,
                                envelope.aad(envelope.REQUEST, header.from_hash, header.to_hash))
-        fields = meta.parse(plain)
+        fields = meta.parse(plain, extra=(meta.NONCE_FIELD,))
         if fields["from"] != sender or fields["to"] != recipient:
             raise RemoteProtocolError("metadata from/to do not match the header's user hashes",
                                       RefuseCode.BAD_METADATA)
         self.label = f"{sender} -> {recipient} {fields['folder']}/{sender}_{fields['datetime']}.data"
-        self.incoming = incoming = self.server.storage.begin(fields)
+        self.incoming = incoming = self.server.storage.begin(meta.stored(fields))
         reply, filekey, salt = meta.add_reply_fields(fields)
         sealed = envelope.seal(public_key, meta.to_json(reply),
                                envelope.aad(envelope.REPLY, header.from_hash, header.to_hash))
@@ -305,6 +341,11 @@ class _Session:
         conn.set_filesize(filesize)
         await self.loop.sock_sendall(self.sock, b"".join(conn.send(ReplyEvent(sealed))))
         self.started = time.monotonic()
+        if filesize > 0:
+            self.deadline = (self.loop.time() + self._idle(),
+                             f"no authenticated block within {self._idle():g} s of the reply")
+        else:
+            self.deadline = None
 
         cipher = BlockCipher(filekey, salt)
         actual = await self._receive_blocks(filekey, salt, filesize, incoming)

@@ -180,7 +180,8 @@ def handshake(root: Path, port: int, fields: dict[str, Any]) -> Handshake:
     """Send header and envelope, read the reply, and return the transfer's cipher."""
     from engine.protocol import Envelope, Header, Reply
 
-    fh, th, env = sealed_request(root, fields)
+    sent = meta.request(fields)
+    fh, th, env = sealed_request(root, sent)
     client = RawClient(port)
     client.send_event(Header(len(env), fh, th))
     client.send_event(Envelope(env))
@@ -188,7 +189,7 @@ def handshake(root: Path, port: int, fields: dict[str, Any]) -> Handshake:
     assert isinstance(event, Reply), f"expected a reply, got {event!r}"
     priv = load_private(private_key_path(root, fields["from"]))
     plain = envelope.open_(priv, event.envelope, envelope.aad(envelope.REPLY, fh, th))
-    filekey, salt = meta.check_reply(fields, plain)
+    filekey, salt = meta.check_reply(sent, plain)
     client.conn.set_filesize(fields["filesize"])
     return Handshake(client, fields, BlockCipher(filekey, salt))
 

@@ -49,8 +49,17 @@ def fields_for(size: int = 1000, **changes: Any) -> dict[str, Any]:
     return meta.with_crc(fields)
 
 
+def as_request(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` as a client sends them (with a nonce); a broken metaCRC stays broken."""
+    valid = fields["metaCRC"] == meta.meta_crc(fields)
+    out = meta.request(fields)
+    if not valid:
+        out["metaCRC"] ^= 1
+    return out
+
+
 def refuse_after_request(root: Path, server: ServerProcess, fields: dict[str, Any]) -> tuple[int, str]:
-    fh, th, env = sealed_request(root, fields)
+    fh, th, env = sealed_request(root, as_request(fields))
     with RawClient(server.port) as c:
         c.send_event(Header(len(env), fh, th))
         c.send_event(Envelope(env))
@@ -307,6 +316,63 @@ def test_too_many_clients_are_refused_as_busy(root: Path) -> None:
             s.close()
         assert wait_until(lambda: srv.alive())
         time.sleep(0.3)
+        assert_still_serves(root, srv)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_trickled_handshake_hits_the_handshake_deadline(root: Path) -> None:
+    """One byte every 0.5 s keeps the idle timer happy but not the handshake deadline."""
+    srv = start_server(root, "--idle-timeout", "3", "--handshake-timeout", "2")
+    try:
+        started = time.monotonic()
+        header = struct.pack(">QQQ", 500, user_hash("zhenqiang"), user_hash("roland-frei"))
+        with RawClient(srv.port) as c:
+            for i in range(40):  # bounded: 20 s at most
+                try:
+                    c.sendall(header[i : i + 1] if i < len(header) else b"\x00")
+                except OSError:
+                    break
+                c.sock.settimeout(0.5)
+                try:
+                    if c.sock.recv(1, socket.MSG_PEEK):
+                        break
+                except TimeoutError:
+                    continue
+            c.sock.settimeout(10)
+            code, reason = c.read_refusal()
+        assert code == RefuseCode.TIMEOUT and "within 2 s" in reason
+        assert time.monotonic() - started < 6
+        assert_still_serves(root, srv)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_trickled_blocks_hit_the_first_block_deadline(root: Path) -> None:
+    srv = start_server(root, "--idle-timeout", "3")
+    try:
+        payload = os.urandom(20 * BLOCK_SIZE)
+        fields = meta.make("zhenqiang", "roland-frei", "photo", "x.bin", len(payload), crc64(payload))
+        hs = handshake(root, srv.port, fields)
+        started = time.monotonic()
+        frames = sealed_frames(hs.cipher, payload)
+        with hs.client as c:
+            for i in range(40):
+                try:
+                    c.sendall(frames[i * 100 : (i + 1) * 100])
+                except OSError:
+                    break
+                c.sock.settimeout(0.5)
+                try:
+                    if c.sock.recv(1, socket.MSG_PEEK):
+                        break
+                except TimeoutError:
+                    continue
+            c.sock.settimeout(10)
+            code, reason = c.read_refusal()
+        assert code == RefuseCode.TIMEOUT and "no authenticated block" in reason
+        assert time.monotonic() - started < 8
+        assert wait_until(lambda: no_files_for(root, fields))
         assert_still_serves(root, srv)
     finally:
         assert srv.stop() == 0

@@ -220,3 +220,14 @@ def test_user_hash_is_first_8_bytes_of_sha256_big_endian(name: str) -> None:
 
 def test_user_hashes_differ() -> None:
     assert user_hash("alice") != user_hash("Alice")
+
+
+def test_load_private_refuses_a_key_others_can_read(generated: tuple[Path, Path, Path]) -> None:
+    _, priv, _ = generated
+    priv.chmod(0o640)
+    try:
+        with pytest.raises(ConfigError, match="readable by others.*chmod 600"):
+            load_private(priv)
+    finally:
+        priv.chmod(0o600)
+    assert load_private(priv).has_private()

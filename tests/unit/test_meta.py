@@ -434,3 +434,62 @@ def test_check_reply_rejects_bad_key_or_salt(changes: dict[str, Any]) -> None:
 @pytest.mark.parametrize("data", [b"", b"nope", b"\xff", b"[]", b"null"])
 def test_check_reply_rejects_non_object(data: bytes) -> None:
     check_reply_refused(sent_fields(), data, RefuseCode.BAD_METADATA)
+
+
+# -- hardening after review: nonce, key folders, format characters, real dates, hostile JSON --------
+
+
+def test_request_adds_a_fresh_nonce_and_parse_checks_it() -> None:
+    fields = meta.make("zhenqiang", "roland-frei", "photo", "x.bin", 1, 2, when=WHEN)
+    a, b = meta.request(fields), meta.request(fields)
+    assert a["nonce"] != b["nonce"] and len(bytes.fromhex(a["nonce"])) == 16
+    assert meta.parse(meta.to_json(a), ("nonce",)) == a
+    assert meta.stored(a) == fields  # the server keeps the sender's .meta as it was
+    bad = dict(a, nonce="xyz")
+    refused(encode(bad), RefuseCode.BAD_METADATA, ("nonce",))
+
+
+def test_reply_must_echo_the_nonce() -> None:
+    fields = meta.make("zhenqiang", "roland-frei", "photo", "x.bin", 1, 2, when=WHEN)
+    sent = meta.request(fields)
+    reply, key, salt = meta.add_reply_fields(sent)
+    assert meta.check_reply(sent, meta.to_json(reply)) == (key, salt)
+    guessed, _, _ = meta.add_reply_fields(fields)  # a forger who knows every field but the nonce
+    with pytest.raises(RemoteProtocolError):
+        meta.check_reply(sent, meta.to_json(guessed))
+    other = meta.with_crc(dict(reply, nonce="0" * 32))
+    with pytest.raises(RemoteProtocolError):
+        meta.check_reply(sent, meta.to_json(other))
+
+
+@pytest.mark.parametrize("folder", ["pubKey", "PUBKEY/x", "privateKey", "privatekey/a/b"])
+def test_key_folders_are_refused(folder: str) -> None:
+    with pytest.raises(RemoteProtocolError) as exc:
+        meta.safe_folder(folder)
+    assert exc.value.code is RefuseCode.UNSAFE_PATH and "key folder" in exc.value.reason
+
+
+@pytest.mark.parametrize("folder", ["a\x7fb", "a\x9bb", "a\u2028b", "a\u200eb", "a\ufeffb"])
+def test_format_and_c1_characters_in_folder_are_refused(folder: str) -> None:
+    with pytest.raises(RemoteProtocolError) as exc:
+        meta.safe_folder(folder)
+    assert exc.value.code is RefuseCode.UNSAFE_PATH
+
+
+@pytest.mark.parametrize("value", ["99-99-9999_99-99-99", "31-02-2024_10-00-00", "01-01-2024_24-00-00"])
+def test_impossible_dates_are_refused(value: str) -> None:
+    refused(encode(base_fields() | {"datetime": value}), RefuseCode.BAD_METADATA)
+
+
+def test_lone_surrogate_is_bad_metadata_not_a_crash() -> None:
+    data = b'{"from": "zhenqiang", "to": "roland-frei", "folder": "\\ud800"}'
+    refused(data, RefuseCode.BAD_METADATA)
+    with pytest.raises(RemoteProtocolError):
+        meta.check_reply({"folder": "x"}, data)
+
+
+def test_deeply_nested_json_is_bad_metadata_not_a_crash() -> None:
+    data = b"[" * 100_000 + b"]" * 100_000
+    refused(data, RefuseCode.BAD_METADATA)
+    with pytest.raises(RemoteProtocolError):
+        meta.check_reply({}, data)
