@@ -364,7 +364,13 @@ class _Session:
                 RefuseCode.BAD_CRC,
             )
         self._watchdog.cancel()  # fsync of a large file may take longer than the idle timeout
-        await self.loop.run_in_executor(None, incoming.commit)
+        commit = self.loop.run_in_executor(None, incoming.commit)
+        try:
+            await asyncio.shield(commit)  # a stopping server waits for a commit under way
+        except asyncio.CancelledError:
+            await asyncio.wait([commit])
+            raise
+        incoming.finish()  # on the loop: releases the name and the disk reservation
         await self.loop.sock_sendall(self.sock, b"".join(conn.send(AckEvent(cipher.seal_ack(filesize, actual)))))
 
 

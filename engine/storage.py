@@ -4,12 +4,26 @@ A transfer writes ROOT/<to>/<folder>/<from>_<datetime>.part; only when every tag
 the CRC hold is it fsynced and hard-linked to .data (a link never replaces an
 existing name, so a finished .data is never overwritten), the .part unlinked and the
 directory fsynced. Then, and only then, may the server send ACK.
+
+Why it is built this way: the recipient's home may be owned by a local user who plants
+symlinks or swaps folders at any moment, so no path below ROOT/<to> is ever resolved. The
+folder is walked component by component from a descriptor of the home (O_NOFOLLOW, mkdirat
+for missing ones, a symlink or non-directory is refused), and every file operation is
+relative to the final folder's descriptor: .part and the .meta temp file are unlinked and
+re-created O_EXCL|O_NOFOLLOW, .data is a linkat that does not follow. Each transfer
+remembers what it created, so abort() removes exactly that; once .data is linked nothing
+of it is removed. commit() runs in a worker thread and never touches Storage's table.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
+import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,22 +31,116 @@ from typing import Any
 import psutil
 
 from .crc import BytesLike
-from .errors import RefuseCode, RemoteProtocolError
+from .errors import LocalProtocolError, RefuseCode, RemoteProtocolError
 from .meta import safe_folder
 from .users import check_user
 
+log = logging.getLogger("m2y.storage")
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# mkdir/lstat failures that come from the client's folder name, not from the server.
+_PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST, errno.ELOOP, errno.EINVAL}
+
+
+def _create_file(name: str, dir_fd: int) -> int:
+    """A new regular file ``name`` in ``dir_fd``: whatever had that name (a planted symlink) goes first."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+    return os.open(name, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+
+
+def _write_all(fd: int, data: BytesLike) -> int:
+    view = memoryview(data)
+    total = 0
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+        total += n
+    return total
+
+
+def _unsafe(reason: str) -> RemoteProtocolError:
+    return RemoteProtocolError(reason, RefuseCode.UNSAFE_PATH)
+
+
+def _open_home(home: Path, recipient: str) -> int:
     try:
-        os.fsync(fd)
-    finally:
+        st = os.lstat(home)
+    except FileNotFoundError:
+        raise RemoteProtocolError(f"recipient {recipient!r} has no home folder on this server",
+                                  RefuseCode.UNKNOWN_RECIPIENT) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise _unsafe(f"the home folder of {recipient!r} is a symbolic link")
+    if not stat.S_ISDIR(st.st_mode):
+        raise _unsafe(f"the home folder of {recipient!r} is not a directory")
+    try:
+        return os.open(home, _DIR_FLAGS)
+    except OSError as exc:  # swapped since the lstat
+        if exc.errno in _PATH_ERRNOS:
+            raise _unsafe(f"the home folder of {recipient!r} cannot be opened: {exc.strerror}") from None
+        raise
+
+
+def _walk(home_fd: int, parts: list[str], created: list[str]) -> int:
+    """Descriptor of home/<parts...>, creating missing folders (appended to ``created``) without following links."""
+    fd = os.dup(home_fd)
+    try:
+        for i, name in enumerate(parts):
+            rel = "/".join(parts[: i + 1])
+            try:
+                st: os.stat_result | None = os.lstat(name, dir_fd=fd)
+            except FileNotFoundError:
+                st = None
+            except OSError as exc:
+                if exc.errno in _PATH_ERRNOS:
+                    raise _unsafe(f"folder component {rel!r} is unusable: {exc.strerror}") from None
+                raise
+            if st is None:
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass  # appeared meanwhile: the O_NOFOLLOW open below judges it
+                except OSError as exc:
+                    if exc.errno in _PATH_ERRNOS:
+                        raise _unsafe(f"cannot create folder {rel!r}: {exc.strerror}") from None
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise RemoteProtocolError(f"cannot create folder {rel!r}: {exc.strerror}",
+                                                  RefuseCode.NO_SPACE) from None
+                    raise
+                else:
+                    created.append(rel)
+                    os.fsync(fd)  # the new folder's name is durable in its parent
+            elif stat.S_ISLNK(st.st_mode):
+                raise _unsafe(f"folder component {rel!r} is a symbolic link")
+            elif not stat.S_ISDIR(st.st_mode):
+                raise _unsafe(f"folder component {rel!r} exists and is not a directory")
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:  # ELOOP / ENOTDIR: swapped for a link or a file since the lstat
+                if exc.errno in _PATH_ERRNOS:
+                    raise _unsafe(f"folder component {rel!r} is not a plain directory: {exc.strerror}") from None
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
-@dataclass
+@dataclass(eq=False)
 class Incoming:
-    """One file being received; ``write`` plaintext in order, then ``commit`` or ``abort``."""
+    """One file being received; ``write`` plaintext in order, then ``commit`` or ``abort``.
+
+    Threads: ``begin``, ``write``, ``abort``, ``finish`` and ``Storage.release`` run on the event
+    loop; only ``commit`` (blocking fsyncs) runs in a worker thread and it never touches the
+    Storage's table. The server must therefore call ``finish()`` on the loop once ``commit()``
+    has returned, to release the reservation; ``abort()`` releases by itself. ``done`` is true
+    once the transfer reached its end (commit returned or abort ran); ``abort()`` is then a no-op
+    for the files but still releases. ``abort()`` waits for a ``commit()`` still running in a
+    thread, so the two never race on the descriptors.
+    """
 
     store: Storage
     key: str
@@ -43,43 +151,122 @@ class Incoming:
     fd: int = -1
     written: int = 0
     done: bool = field(default=False)
+    linked: bool = field(default=False)  # the .data exists: committed, keep .data and .meta whatever follows
+    home: Path = field(default=Path(), repr=False)
+    created: list[str] = field(default_factory=list, repr=False)  # folders made by this transfer, shallow first
+    dir_fd: int = field(default=-1, repr=False)
+    meta_ours: bool = field(default=False, repr=False)
+    tmp_ours: bool = field(default=False, repr=False)
+    part_ours: bool = field(default=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def _tmp_name(self) -> str:
+        return f".{self.meta_path.name}.tmp"
 
     def write(self, data: BytesLike) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.written += n
+        self.written += _write_all(self.fd, data)
 
     def commit(self) -> None:
-        """Make the received bytes durable under the .data name. Blocking: run off the event loop."""
-        if self.written != self.filesize:
-            raise RemoteProtocolError(
-                f"received {self.written} bytes, metadata says {self.filesize}", RefuseCode.BAD_CRC
-            )
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        try:
-            os.link(self.part_path, self.data_path)
-        except FileExistsError:
-            raise RemoteProtocolError(f"{self.data_path.name} already exists", RefuseCode.EXISTS) from None
-        self.part_path.unlink()
-        fsync_dir(self.data_path.parent)
-        self.done = True
+        """Make the received bytes durable under the .data name. Blocking: run off the event loop.
+
+        Order: fsync .part, close, link .part -> .data (never replaces, never follows), fsync the
+        folder, unlink .part (best effort), fsync again. Does not release the reservation: call
+        ``finish()`` on the event loop afterwards.
+        """
+        with self._lock:
+            if self.done or self.fd < 0 or self.dir_fd < 0:
+                raise LocalProtocolError(f"{self.part_path.name} is not open for commit", RefuseCode.INTERNAL)
+            if self.written != self.filesize:
+                raise RemoteProtocolError(
+                    f"received {self.written} bytes, metadata says {self.filesize}", RefuseCode.BAD_CRC
+                )
+            os.fsync(self.fd)
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+            try:
+                os.link(self.part_path.name, self.data_path.name, src_dir_fd=self.dir_fd,
+                        dst_dir_fd=self.dir_fd, follow_symlinks=False)
+            except FileExistsError:
+                self.meta_ours = False  # the .meta now describes the .data that is there
+                raise RemoteProtocolError(f"{self.data_path.name} already exists", RefuseCode.EXISTS) from None
+            self.linked = True
+            os.fsync(self.dir_fd)
+            try:
+                os.unlink(self.part_path.name, dir_fd=self.dir_fd)
+                self.part_ours = False
+            except OSError as exc:
+                log.warning("%s: cannot remove after commit: %s", self.part_path, exc.strerror or exc)
+            os.fsync(self.dir_fd)
+            self.done = True
+            self._close_dir()
+
+    def finish(self) -> None:
+        """Release the reservation after ``commit()`` returned; call it on the event loop.
+
+        Called on a transfer that is not done, it aborts it.
+        """
+        if not self.done:
+            self.abort()
+            return
+        with self._lock:
+            self._close_dir()
         self.store.release(self)
 
     def abort(self) -> None:
-        """Forget a failed transfer: no .part, no .meta of ours, no .data."""
-        if self.done:
-            return
+        """Forget a failed transfer: remove only what it created. Idempotent; keeps a linked .data and its .meta."""
+        with self._lock:  # a commit still running in a thread finishes first
+            try:
+                if not self.done:
+                    self.done = True
+                    self._cleanup()
+            finally:
+                self._close_dir()
+                self.store.release(self)
+
+    def _cleanup(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self.part_path.unlink(missing_ok=True)
-        self.meta_path.unlink(missing_ok=True)
-        self.done = True
-        self.store.release(self)
+            fd, self.fd = self.fd, -1  # never closed twice, even if close() fails
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        names = [name for name, ours in ((self.part_path.name, self.part_ours), (self._tmp_name, self.tmp_ours),
+                                         (self.meta_path.name, self.meta_ours and not self.linked)) if ours]
+        self.part_ours = self.tmp_ours = False
+        if self.dir_fd >= 0:
+            for name in names:
+                try:
+                    os.unlink(name, dir_fd=self.dir_fd)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("%s: cannot remove: %s", self.meta_path.parent / name, exc.strerror or exc)
+        if not self.linked:
+            self.meta_ours = False
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        """rmdir the folders this transfer made, deepest first, while they are empty; never follows links."""
+        while self.created:
+            *parents, name = self.created[-1].split("/")
+            try:
+                fd = os.open(self.home, _DIR_FLAGS)
+                try:
+                    for part in parents:
+                        child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                        os.close(fd)
+                        fd = child
+                    os.rmdir(name, dir_fd=fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                return  # not empty any more, or changed under us: leave it and its parents
+            self.created.pop()
+
+    def _close_dir(self) -> None:
+        if self.dir_fd >= 0:
+            fd, self.dir_fd = self.dir_fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class Storage:
@@ -91,10 +278,14 @@ class Storage:
         self._active: dict[str, Incoming] = {}
 
     def reserved(self) -> int:
-        return sum(t.filesize - t.written for t in self._active.values())
+        return sum(max(t.filesize - t.written, 0) for t in list(self._active.values()))
 
     def begin(self, fields: dict[str, Any]) -> Incoming:
-        """Check limits and names, store the .meta, open the .part. Refusals carry the reason."""
+        """Check limits and names, store the .meta, open the .part. Refusals carry the reason.
+
+        Creates missing folders (never through a symlink); on any failure removes what it made
+        and holds no reservation.
+        """
         sender, recipient = check_user(fields["from"]), check_user(fields["to"])
         folder = safe_folder(fields["folder"])
         filesize = fields["filesize"]
@@ -103,40 +294,68 @@ class Storage:
                 f"file of {filesize} bytes is over this server's limit of {self.max_file_size}",
                 RefuseCode.TOO_LARGE,
             )
-        home = (self.root / recipient).resolve()
+        when = fields["datetime"]
+        if not isinstance(when, str) or not when or "/" in when or "\x00" in when:
+            raise RemoteProtocolError(f"datetime {when!r} cannot be part of a file name", RefuseCode.BAD_METADATA)
+        try:
+            meta_bytes = (json.dumps(fields, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+        except UnicodeEncodeError:
+            raise RemoteProtocolError("metadata holds text that is not valid Unicode",
+                                      RefuseCode.BAD_METADATA) from None
+        home = self.root / recipient
         directory = home / folder
-        directory.mkdir(parents=True, exist_ok=True)
-        real = directory.resolve()
-        if not real.is_relative_to(home):
-            raise RemoteProtocolError(f"folder {folder!r} leads outside the recipient's home",
-                                      RefuseCode.UNSAFE_PATH)
-        stem = f"{sender}_{fields['datetime']}"
-        key = str(real / stem)
-        data_path = real / f"{stem}.data"
-        if data_path.exists():
+        stem = f"{sender}_{when}"
+        incoming = Incoming(self, str(directory / stem), directory / f"{stem}.meta", directory / f"{stem}.part",
+                            directory / f"{stem}.data", filesize, home=home)
+        home_fd = _open_home(home, recipient)
+        try:
+            incoming.dir_fd = _walk(home_fd, folder.split("/"), incoming.created)
+        except BaseException:
+            incoming.abort()
+            raise
+        finally:
+            os.close(home_fd)
+        try:
+            self._check_and_open(incoming, folder, meta_bytes)
+        except BaseException:
+            incoming.abort()  # removes what this transfer made; releases only if it was registered
+            raise
+        return incoming
+
+    def _check_and_open(self, incoming: Incoming, folder: str, meta_bytes: bytes) -> None:
+        dir_fd, stem = incoming.dir_fd, incoming.data_path.name.removesuffix(".data")
+        try:
+            os.lstat(incoming.data_path.name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        else:
             raise RemoteProtocolError(
                 f"{folder}/{stem}.data was already received; a finished file is never overwritten",
                 RefuseCode.EXISTS,
             )
-        if key in self._active:
+        if incoming.key in self._active:
             raise RemoteProtocolError(f"{folder}/{stem} is being received right now", RefuseCode.BUSY)
-        free = psutil.disk_usage(str(real)).free - self.reserved()
-        if filesize > free:
+        free = psutil.disk_usage(str(incoming.data_path.parent)).free - self.reserved()
+        if incoming.filesize > free:
             raise RemoteProtocolError(
-                f"file of {filesize} bytes does not fit: {max(free, 0)} bytes free on the server",
+                f"file of {incoming.filesize} bytes does not fit: {max(free, 0)} bytes free on the server",
                 RefuseCode.NO_SPACE,
             )
-        incoming = Incoming(self, key, real / f"{stem}.meta", real / f"{stem}.part", data_path, filesize)
-        self._active[key] = incoming
+        self._active[incoming.key] = incoming
+        tmp = incoming._tmp_name
+        fd = _create_file(tmp, dir_fd)
+        incoming.tmp_ours = True
         try:
-            tmp = real / f".{stem}.meta.tmp"
-            tmp.write_text(json.dumps(fields, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
-            os.replace(tmp, incoming.meta_path)
-            incoming.fd = os.open(incoming.part_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        except OSError:
-            incoming.abort()
-            raise
-        return incoming
+            _write_all(fd, meta_bytes)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, incoming.meta_path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        incoming.tmp_ours, incoming.meta_ours = False, True
+        os.fsync(dir_fd)
+        incoming.fd = _create_file(incoming.part_path.name, dir_fd)
+        incoming.part_ours = True
 
     def release(self, incoming: Incoming) -> None:
-        self._active.pop(incoming.key, None)
+        if self._active.get(incoming.key) is incoming:
+            del self._active[incoming.key]

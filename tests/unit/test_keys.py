@@ -226,7 +226,7 @@ def test_load_private_refuses_a_key_others_can_read(generated: tuple[Path, Path,
     _, priv, _ = generated
     priv.chmod(0o640)
     try:
-        with pytest.raises(ConfigError, match="readable by others.*chmod 600"):
+        with pytest.raises(ConfigError, match=r"readable by others.*chmod 600"):
             load_private(priv)
     finally:
         priv.chmod(0o600)

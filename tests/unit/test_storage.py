@@ -45,7 +45,7 @@ def with_suffix(stem: Path, suffix: str) -> Path:
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     path = tmp_path / "root"
-    path.mkdir()
+    (path / "roland-frei").mkdir(parents=True)  # the recipient's home exists: the server has their keys there
     return path
 
 
@@ -67,6 +67,7 @@ def test_begin_write_commit(root: Path) -> None:
     incoming.write(bytearray(data[70000:]))
     assert incoming.written == len(data)
     incoming.commit()
+    incoming.finish()
     assert data_path.read_bytes() == data
     assert not part.exists()
     assert meta_path.exists()
@@ -226,7 +227,6 @@ def test_commit_never_overwrites_data(root: Path) -> None:
 def test_folder_symlink_leading_outside_is_refused(root: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
-    (root / "roland-frei").mkdir()
     (root / "roland-frei" / "photo").symlink_to(outside)
     store = Storage(root, max_file_size=MiB)
     with pytest.raises(RemoteProtocolError) as exc:
@@ -242,3 +242,294 @@ def test_unsafe_folder_is_refused(root: Path, folder: str) -> None:
         store.begin(fields(5, folder=folder))
     refusal(exc, RefuseCode.UNSAFE_PATH)
     assert not (root.parent / "escape").exists()
+
+
+# -- hardening: symlinks, durability order, reservations, idempotent abort -------------------------
+
+
+def home(root: Path) -> Path:
+    return root / "roland-frei"
+
+
+@pytest.mark.parametrize("suffix", [".part", ".meta.tmp"])
+@pytest.mark.parametrize("dangling", [False, True])
+def test_planted_symlink_on_part_or_tmp_is_not_followed(root: Path, tmp_path: Path, suffix: str,
+                                                        dangling: bool) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim"
+    if not dangling:
+        victim.write_bytes(b"precious")
+    (home(root) / "photo").mkdir()
+    stem = target(root)
+    name = stem.with_name(f".{stem.name}.meta.tmp") if suffix == ".meta.tmp" else with_suffix(stem, suffix)
+    name.symlink_to(victim)
+    store = Storage(root, max_file_size=MiB)
+    incoming = store.begin(fields(4))
+    incoming.write(b"mine")
+    incoming.commit()
+    incoming.finish()
+    if dangling:
+        assert not victim.exists()
+    else:
+        assert victim.read_bytes() == b"precious"
+    data_path = with_suffix(stem, ".data")
+    assert not data_path.is_symlink() and stat.S_ISREG(data_path.lstat().st_mode)
+    assert data_path.read_bytes() == b"mine"
+    assert os.lstat(data_path).st_nlink == 1  # not a second name of a file outside
+    meta_path = with_suffix(stem, ".meta")
+    assert not meta_path.is_symlink()
+    assert json.loads(meta_path.read_bytes().decode("utf-8")) == fields(4)
+    assert not name.exists() and not name.is_symlink()
+    assert list(outside.iterdir()) == ([] if dangling else [victim])
+
+
+def test_symlinked_folder_component_is_refused_and_nothing_made_outside(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (home(root) / "lnk").symlink_to(outside)
+    store = Storage(root, max_file_size=MiB)
+    with pytest.raises(RemoteProtocolError) as exc:
+        store.begin(fields(5, folder="lnk/newdir/deeper"))
+    assert list(outside.iterdir()) == []
+    refusal(exc, RefuseCode.UNSAFE_PATH)
+    assert "'lnk'" in exc.value.reason and "\n" not in exc.value.reason
+    assert store.reserved() == 0
+
+
+def test_folder_symlink_deeper_down_is_refused_and_new_folders_removed(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (home(root) / "a").mkdir()
+    (home(root) / "a" / "b").symlink_to(outside)
+    store = Storage(root, max_file_size=MiB)
+    with pytest.raises(RemoteProtocolError) as exc:
+        store.begin(fields(5, folder="a/b/c"))
+    assert list(outside.iterdir()) == []
+    refusal(exc, RefuseCode.UNSAFE_PATH)
+    assert "'a/b'" in exc.value.reason
+    assert sorted(p.name for p in (home(root) / "a").iterdir()) == ["b"]
+
+
+def test_folder_component_that_is_a_file_is_refused(root: Path) -> None:
+    (home(root) / "photo").write_bytes(b"not a folder")
+    store = Storage(root, max_file_size=MiB)
+    with pytest.raises(RemoteProtocolError) as exc:
+        store.begin(fields(5, folder="photo/sub"))
+    refusal(exc, RefuseCode.UNSAFE_PATH)
+    assert "'photo'" in exc.value.reason
+    assert (home(root) / "photo").read_bytes() == b"not a folder"
+
+
+def test_folder_component_too_long_is_unsafe_path_not_oserror(root: Path) -> None:
+    store = Storage(root, max_file_size=MiB)
+    with pytest.raises(RemoteProtocolError) as exc:
+        store.begin(fields(5, folder="ok/" + "x" * 300))
+    refusal(exc, RefuseCode.UNSAFE_PATH)
+    assert not (home(root) / "ok").exists()  # the folder made on the way is removed again
+    assert store.reserved() == 0
+
+
+def test_home_that_is_a_symlink_is_refused(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    home(root).rmdir()
+    home(root).symlink_to(outside)
+    store = Storage(root, max_file_size=MiB)
+    with pytest.raises(RemoteProtocolError) as exc:
+        store.begin(fields(5))
+    refusal(exc, RefuseCode.UNSAFE_PATH)
+    assert list(outside.iterdir()) == []
+
+
+def test_missing_home_is_refused_not_created(root: Path) -> None:
+    home(root).rmdir()
+    store = Storage(root, max_file_size=MiB)
+    with pytest.raises(RemoteProtocolError) as exc:
+        store.begin(fields(5))
+    refusal(exc, RefuseCode.UNKNOWN_RECIPIENT)
+    assert not home(root).exists()
+
+
+def test_abort_removes_only_the_folders_it_created(root: Path) -> None:
+    (home(root) / "a").mkdir()
+    store = Storage(root, max_file_size=MiB)
+    incoming = store.begin(fields(5, folder="a/b/c"))
+    (home(root) / "a" / "b" / "keep").write_bytes(b"someone else's")  # b is no longer empty
+    incoming.abort()
+    assert not (home(root) / "a" / "b" / "c").exists()
+    assert (home(root) / "a" / "b" / "keep").exists()
+    assert store.begin(fields(5, folder="x/y")).abort() is None
+    assert not (home(root) / "x").exists()
+    assert (home(root) / "a").is_dir()
+
+
+def test_begin_fsyncs_meta_and_new_folders(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store = Storage(root, max_file_size=MiB)
+    incoming = store.begin(fields(5, folder="a/b"))
+    stem = target(root, folder="a/b")
+    for path in (with_suffix(stem, ".meta"), stem.parent, home(root), home(root) / "a"):
+        assert path.stat().st_ino in synced, path
+    incoming.abort()
+
+
+def test_commit_link_exists_keeps_existing_data_and_its_meta(root: Path) -> None:
+    store = Storage(root, max_file_size=MiB)
+    incoming = store.begin(fields(8))
+    incoming.write(b"incoming")
+    stem = target(root)
+    with_suffix(stem, ".data").write_bytes(b"theirs")  # appeared while we were receiving
+    with_suffix(stem, ".meta").write_text('{"theirs": true}\n', encoding="utf-8")
+    with pytest.raises(RemoteProtocolError) as exc:
+        incoming.commit()
+    refusal(exc, RefuseCode.EXISTS)
+    incoming.abort()
+    assert with_suffix(stem, ".data").read_bytes() == b"theirs"
+    assert with_suffix(stem, ".meta").read_text(encoding="utf-8") == '{"theirs": true}\n'
+    assert not with_suffix(stem, ".part").exists()
+    assert store.reserved() == 0
+
+
+@pytest.mark.parametrize("failing", ["dir fsync", "unlink part"])
+def test_failure_after_link_keeps_data_and_meta(root: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    store = Storage(root, max_file_size=MiB)
+    incoming = store.begin(fields(4))
+    incoming.write(b"kept")
+    linked = False
+    real_link, real_fsync, real_unlink = os.link, os.fsync, os.unlink
+
+    def link(*args: Any, **kwargs: Any) -> None:
+        nonlocal linked
+        real_link(*args, **kwargs)
+        linked = True
+
+    def fsync(fd: int) -> None:
+        if linked and failing == "dir fsync":
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if linked and failing == "unlink part":
+            raise OSError(5, "Input/output error")
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "unlink", unlink)
+    try:
+        incoming.commit()
+    except OSError:
+        pass
+    finally:
+        monkeypatch.undo()
+    assert linked
+    if not incoming.done:
+        incoming.abort()  # what the server does after a failed commit
+    stem = target(root)
+    assert with_suffix(stem, ".data").read_bytes() == b"kept"
+    assert json.loads(with_suffix(stem, ".meta").read_text(encoding="utf-8")) == fields(4)
+    incoming.abort()
+    assert with_suffix(stem, ".data").read_bytes() == b"kept"
+    assert with_suffix(stem, ".meta").exists()
+    assert store.reserved() == 0
+
+
+def test_commit_leaves_the_table_to_finish(root: Path) -> None:
+    # commit() runs in a worker thread; only finish() (on the event loop) touches Storage._active.
+    store = Storage(root, max_file_size=MiB)
+    incoming = store.begin(fields(2))
+    incoming.write(b"ok")
+    incoming.commit()
+    assert incoming.done
+    assert incoming in store._active.values()  # still registered until finish()
+    incoming.finish()
+    assert incoming not in store._active.values()
+    with pytest.raises(RemoteProtocolError) as exc:
+        store.begin(fields(2))
+    refusal(exc, RefuseCode.EXISTS)
+    incoming.finish()  # twice is harmless
+    incoming.abort()
+    assert with_suffix(target(root), ".data").read_bytes() == b"ok"
+
+
+@pytest.mark.parametrize("error", [RuntimeError("bug"), KeyboardInterrupt(), OSError(5, "Input/output error")])
+def test_begin_failure_midway_leaves_no_reservation(root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    error: BaseException) -> None:
+    real_open = os.open
+
+    def failing_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith(".part"):
+            raise error
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    store = Storage(root, max_file_size=MiB)
+    with pytest.raises(type(error)):
+        store.begin(fields(100, folder="new/dir"))
+    monkeypatch.undo()
+    assert store.reserved() == 0
+    assert not (home(root) / "new").exists()  # meta, part and the folders it made are gone
+    again = store.begin(fields(100, folder="new/dir"))  # not BUSY: nothing left registered
+    again.abort()
+
+
+def test_metadata_that_is_not_unicode_is_refused(root: Path) -> None:
+    store = Storage(root, max_file_size=MiB)
+    bad = fields(5) | {"filename": "\ud800.jpg"}
+    with pytest.raises(RemoteProtocolError) as exc:
+        store.begin(bad)
+    refusal(exc, RefuseCode.BAD_METADATA)
+    assert store.reserved() == 0
+    assert list(home(root).iterdir()) == []
+
+
+def test_close_failure_in_commit_never_closes_twice(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Storage(root, max_file_size=MiB)
+    incoming = store.begin(fields(2))
+    incoming.write(b"ok")
+    part_fd = incoming.fd
+    part_ino = os.fstat(part_fd).st_ino
+    closes: list[int | str] = []  # the inode each close() released ("EBADF": not open at all)
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        try:
+            closes.append(os.fstat(fd).st_ino)
+        except OSError:
+            closes.append("EBADF")
+        real_close(fd)  # Linux frees the descriptor even when close() reports EIO
+        if fd == part_fd:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "close", close)
+    with pytest.raises(OSError):
+        incoming.commit()
+    incoming.abort()
+    incoming.abort()
+    monkeypatch.undo()
+    assert closes.count(part_ino) == 1 and "EBADF" not in closes
+    assert incoming.fd == -1
+    assert not with_suffix(target(root), ".data").exists()
+    assert store.reserved() == 0
+
+
+def test_abort_twice_after_begin_and_after_refusal(root: Path) -> None:
+    store = Storage(root, max_file_size=MiB)
+    incoming = store.begin(fields(5))
+    incoming.abort()
+    incoming.abort()
+    assert incoming.done and incoming.fd == -1
+    other = store.begin(fields(5))
+    with pytest.raises(RemoteProtocolError):
+        other.commit()  # 0 of 5 bytes
+    other.abort()
+    other.abort()
+    assert list(home(root).iterdir()) == []  # the folder it made is gone too
