@@ -23,7 +23,7 @@ from .blocks import BLOCK_SIZE, BlockCipher, block_count
 from .crc import crc64_combine
 from .errors import ConfigError, M2YError, ProtocolError, Refused, RemoteProtocolError
 from .keys import load_private, load_public
-from .pool import ENCRYPT, Ring, WorkerPool, make_ring
+from .pool import ENCRYPT, Ring, WorkerPool, advance, make_ring, plain_views
 from .protocol import (
     NEED_DATA,
     Ack,
@@ -199,19 +199,19 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
 
     try:
         with open(path, "rb", buffering=0) as f:
+            fd = f.fileno()
             while index < total:
                 if not free:
                     await send_oldest()
                 slot = free.pop()
                 count = min(batch, total - index)
                 want = min(filesize, (index + count) * BLOCK_SIZE) - index * BLOCK_SIZE
-                plain = ring.plain(slot)
-                got = 0
-                while got < want:
-                    n = f.readinto(plain[got:want])
+                todo = plain_views(ring.frames(slot), want)  # each block straight into its frame
+                while todo:
+                    n = os.readv(fd, todo)
                     if not n:
                         raise ConfigError(f"{path.name} changed since its .meta was written: it got shorter")
-                    got += n
+                    todo = advance(todo, n)
                 ring.submit(slot, ENCRYPT, index, want)
                 queued.append((index, count))
                 index += count

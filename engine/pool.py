@@ -44,29 +44,51 @@ class WorkerDied(M2YError):
     """A worker process ended while it held a batch: the transfer fails, the server goes on."""
 
 
-def slot_sizes(batch: int) -> tuple[int, int]:
-    """(plaintext bytes, frame bytes) of one slot."""
-    return batch * BLOCK_SIZE, batch * (BLOCK_SIZE + TAG_LEN)
+FRAME = BLOCK_SIZE + TAG_LEN
 
 
-def process_batch(cipher: BlockCipher, op: int, plain: memoryview, frames: memoryview, first: int,
-                  plain_len: int) -> int:
-    """Seal or open the blocks of one batch in place; return the CRC-64 of its plaintext."""
+def slot_size(batch: int) -> int:
+    """Bytes of one slot: ``batch`` frames, laid out exactly as on the wire."""
+    return batch * FRAME
+
+
+def plain_views(frames: memoryview, plain_len: int) -> list[memoryview]:
+    """Where each block's plaintext sits in a slot: the start of its frame (sealed in place)."""
+    return [frames[off : off + min(BLOCK_SIZE, plain_len - pos)]
+            for pos, off in zip(range(0, plain_len, BLOCK_SIZE), range(0, len(frames), FRAME), strict=False)]
+
+
+def advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """What is left of ``views`` after a readv/writev moved ``n`` bytes (they may be short)."""
+    i = 0
+    while i < len(views) and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    rest = views[i:]
+    if n:
+        rest[0] = rest[0][n:]
+    return rest
+
+
+def process_batch(cipher: BlockCipher, op: int, frames: memoryview, first: int, plain_len: int) -> int:
+    """Seal or open one batch in place; return the CRC-64 of its plaintext.
+
+    Plaintext block i sits at the start of frame i, so sealing writes ciphertext over it and
+    appends the tag, and opening does the reverse: no second buffer and no copy (OpenSSL's
+    GCM works in place when input and output start at the same address). The CRC is taken
+    on each block while it is in cache: before sealing, after opening.
+    """
     crc = 0
-    pos = fpos = 0
     index = first
-    while pos < plain_len:
-        size = min(BLOCK_SIZE, plain_len - pos)
-        p = plain[pos : pos + size]
-        f = frames[fpos : fpos + size + TAG_LEN]
+    for p in plain_views(frames, plain_len):
+        size = len(p)
+        off = (index - first) * FRAME
         if op == ENCRYPT:
             crc = crc64(p, crc)
-            cipher.encrypt_into(index, p, f)
+            cipher.encrypt_into(index, p, frames[off : off + size + TAG_LEN])
         else:
-            cipher.decrypt_into(index, f, p)
+            cipher.decrypt_into(index, frames[off : off + size + TAG_LEN], p)
             crc = crc64(p, crc)
-        pos += size
-        fpos += size + TAG_LEN
         index += 1
     return crc
 
@@ -78,7 +100,6 @@ class Ring(Protocol):
     on_failure: Callable[[M2YError], None] | None  # called as soon as a batch fails
     verified: int  # batches whose blocks all authenticated
 
-    def plain(self, slot: int) -> memoryview: ...
     def frames(self, slot: int) -> memoryview: ...
     def submit(self, slot: int, op: int, first: int, plain_len: int) -> None: ...
     async def result(self) -> tuple[int, int, int]: ...
@@ -88,22 +109,16 @@ class Ring(Protocol):
 
 class _SlotMemory:
     def __init__(self, buf: memoryview, batch: int, depth: int) -> None:
-        plain_size, frame_size = slot_sizes(batch)
-        step = plain_size + frame_size
-        self._plain = [buf[i * step : i * step + plain_size] for i in range(depth)]
-        self._frames = [buf[i * step + plain_size : (i + 1) * step] for i in range(depth)]
-
-    def plain(self, slot: int) -> memoryview:
-        return self._plain[slot]
+        step = slot_size(batch)
+        self._frames = [buf[i * step : (i + 1) * step] for i in range(depth)]
 
     def frames(self, slot: int) -> memoryview:
         return self._frames[slot]
 
     def release(self) -> None:
-        for view in (*self._plain, *self._frames):
+        for view in self._frames:
             with contextlib.suppress(BufferError):
                 view.release()
-        self._plain.clear()
         self._frames.clear()
 
 
@@ -125,23 +140,19 @@ class InlineRing:
     """``--workers 0``: the batch is processed at submit time, in this process."""
 
     def __init__(self, cipher: BlockCipher, batch: int, depth: int = 2) -> None:
-        plain_size, frame_size = slot_sizes(batch)
         self.depth = depth
         self._cipher = cipher
-        self._mem = _SlotMemory(memoryview(bytearray((plain_size + frame_size) * depth)), batch, depth)
+        self._mem = _SlotMemory(memoryview(bytearray(slot_size(batch) * depth)), batch, depth)
         self._done: collections.deque[tuple[int, int, int]] = collections.deque()
         self.on_failure: Callable[[M2YError], None] | None = None
         self.verified = 0
-
-    def plain(self, slot: int) -> memoryview:
-        return self._mem.plain(slot)
 
     def frames(self, slot: int) -> memoryview:
         return self._mem.frames(slot)
 
     def submit(self, slot: int, op: int, first: int, plain_len: int) -> None:
         """Process at once: a bad block raises here, before anything else is received."""
-        crc = process_batch(self._cipher, op, self.plain(slot), self.frames(slot), first, plain_len)
+        crc = process_batch(self._cipher, op, self.frames(slot), first, plain_len)
         self._done.append((slot, crc, plain_len))
         self.verified += 1
 
@@ -185,7 +196,7 @@ def _worker_main(pipe: Pipe) -> None:
             cipher = ciphers.get(keysalt)
             if cipher is None:
                 cipher = ciphers[keysalt] = BlockCipher(keysalt[:16], keysalt[16:])
-            crc = process_batch(cipher, op, mem.plain(slot), mem.frames(slot), first, plain_len)
+            crc = process_batch(cipher, op, mem.frames(slot), first, plain_len)
             pipe.send((seq, crc, None, 0))
         except RemoteProtocolError as exc:
             pipe.send((seq, 0, exc.reason, int(exc.code)))
@@ -302,12 +313,11 @@ class PoolRing:
     """One transfer's slots in shared memory, processed by a ``WorkerPool``."""
 
     def __init__(self, pool: WorkerPool, keysalt: bytes, batch: int, depth: int) -> None:
-        plain_size, frame_size = slot_sizes(batch)
         self.depth = depth
         self._pool = pool
         self._keysalt = keysalt
         self._batch = batch
-        size = (plain_size + frame_size) * depth
+        size = slot_size(batch) * depth
         self._shm = SharedMemory(name=f"m2y-{os.getpid()}-{secrets.token_hex(6)}", create=True, size=size)
         try:  # take the pages now: a full /dev/shm must be an error here, not a SIGBUS in a worker
             os.posix_fallocate(self._shm._fd, 0, size)  # type: ignore[attr-defined]
@@ -321,9 +331,6 @@ class PoolRing:
         self._queue: collections.deque[tuple[int, int, asyncio.Future[tuple[int, str | None, int]]]] = (
             collections.deque()
         )
-
-    def plain(self, slot: int) -> memoryview:
-        return self._mem.plain(slot)
 
     def frames(self, slot: int) -> memoryview:
         return self._mem.frames(slot)

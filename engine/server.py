@@ -26,7 +26,7 @@ from .blocks import BLOCK_SIZE, BlockCipher
 from .crc import crc64_combine
 from .errors import M2YError, ProtocolError, RefuseCode, RemoteProtocolError
 from .keys import load_private, load_public
-from .pool import DECRYPT, Ring, WorkerPool, make_ring
+from .pool import DECRYPT, Ring, WorkerPool, make_ring, plain_views
 from .protocol import (
     NEED_DATA,
     Blocks,
@@ -385,7 +385,7 @@ class _Session:
         async def retire_oldest() -> None:
             nonlocal crc
             slot, batch_crc, plain_len = await ring.result()
-            incoming.write(ring.plain(slot)[:plain_len])
+            incoming.writev(plain_views(ring.frames(slot), plain_len))
             crc = crc64_combine(crc, batch_crc, plain_len)
             free.append(slot)
 

@@ -1,4 +1,4 @@
-"""InlineRing (``--workers 0``): batches sealed by one ring open with another, in order, with their CRCs."""
+"""InlineRing (``--workers 0``): batches sealed in place by one ring open in place with another."""
 
 from __future__ import annotations
 
@@ -6,31 +6,45 @@ import asyncio
 import os
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from engine.blocks import BLOCK_SIZE, TAG_LEN, BlockCipher, block_count
-from engine.crc import crc64, reference_crc64
+from engine.crc import reference_crc64
 from engine.errors import RefuseCode, RemoteProtocolError
-from engine.pool import DECRYPT, ENCRYPT, InlineRing, default_workers, process_batch
+from engine.pool import DECRYPT, ENCRYPT, InlineRing, advance, default_workers, plain_views, process_batch
+
+
+def _fill(ring: InlineRing, slot: int, data: bytes) -> None:
+    pos = 0
+    for view in plain_views(ring.frames(slot), len(data)):
+        view[:] = data[pos : pos + len(view)]
+        pos += len(view)
 
 
 @pytest.mark.parametrize("plain_len", [1, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 4 * BLOCK_SIZE])
-def test_seal_then_open(plain_len: int) -> None:
+def test_seal_then_open_in_place(plain_len: int) -> None:
     key, salt = os.urandom(16), os.urandom(4)
     data = os.urandom(plain_len)
     sender = InlineRing(BlockCipher(key, salt), batch=4)
     receiver = InlineRing(BlockCipher(key, salt), batch=4)
 
     async def run() -> None:
-        sender.plain(0)[:plain_len] = data
+        _fill(sender, 0, data)
         sender.submit(0, ENCRYPT, 7, plain_len)
         slot, crc, n = await sender.result()
         assert (slot, n) == (0, plain_len)
         assert crc == reference_crc64(data)
         wire = plain_len + TAG_LEN * block_count(plain_len)
+        # The frames are exactly what AESGCM.encrypt gives for each block (in-place sealing is exact).
+        aead, pos, expected = AESGCM(key), 0, b""
+        for i in range(block_count(plain_len)):
+            expected += aead.encrypt(salt + (7 + i).to_bytes(8, "big"), data[pos : pos + BLOCK_SIZE], None)
+            pos += BLOCK_SIZE
+        assert bytes(sender.frames(0)[:wire]) == expected
         receiver.frames(1)[:wire] = sender.frames(0)[:wire]
         receiver.submit(1, DECRYPT, 7, plain_len)
         slot, crc2, _ = await receiver.result()
-        assert bytes(receiver.plain(1)[:plain_len]) == data and crc2 == crc
+        assert b"".join(bytes(v) for v in plain_views(receiver.frames(1), plain_len)) == data and crc2 == crc
 
     asyncio.run(run())
 
@@ -38,7 +52,7 @@ def test_seal_then_open(plain_len: int) -> None:
 def test_wrong_first_index_fails_the_batch() -> None:
     key, salt = os.urandom(16), os.urandom(4)
     ring = InlineRing(BlockCipher(key, salt), batch=2)
-    ring.plain(0)[:100] = os.urandom(100)
+    _fill(ring, 0, os.urandom(100))
     ring.submit(0, ENCRYPT, 0, 100)
     other = InlineRing(BlockCipher(key, salt), batch=2)
     other.frames(0)[:116] = ring.frames(0)[:116]
@@ -50,10 +64,21 @@ def test_wrong_first_index_fails_the_batch() -> None:
 
 def test_process_batch_crc_is_of_plaintext() -> None:
     cipher = BlockCipher(os.urandom(16), os.urandom(4))
-    plain = memoryview(bytearray(os.urandom(2 * BLOCK_SIZE)))
     frames = memoryview(bytearray(2 * (BLOCK_SIZE + TAG_LEN)))
-    assert process_batch(cipher, ENCRYPT, plain, frames, 0, len(plain)) == crc64(plain)
-    assert bytes(frames[:BLOCK_SIZE]) != bytes(plain[:BLOCK_SIZE])
+    data = os.urandom(2 * BLOCK_SIZE)
+    frames[:BLOCK_SIZE] = data[:BLOCK_SIZE]
+    frames[BLOCK_SIZE + TAG_LEN : 2 * BLOCK_SIZE + TAG_LEN] = data[BLOCK_SIZE:]
+    assert process_batch(cipher, ENCRYPT, frames, 0, len(data)) == reference_crc64(data)
+    assert bytes(frames[:BLOCK_SIZE]) != data[:BLOCK_SIZE]
+
+
+def test_plain_views_and_advance() -> None:
+    frames = memoryview(bytearray(3 * (BLOCK_SIZE + TAG_LEN)))
+    views = plain_views(frames, 2 * BLOCK_SIZE + 5)
+    assert [len(v) for v in views] == [BLOCK_SIZE, BLOCK_SIZE, 5]
+    rest = advance(views, BLOCK_SIZE + 3)
+    assert [len(v) for v in rest] == [BLOCK_SIZE - 3, 5]
+    assert advance(rest, BLOCK_SIZE + 2) == []
 
 
 def test_default_workers_rule() -> None:
