@@ -72,8 +72,12 @@ perf: install
 	$(BIN)/python perf/transfer.py --size $(SIZE)
 	$(BIN)/python perf/scaling.py
 
+# CI's perf regression gate: m2y/raw (both timed connect -> done) over 256 MiB, median of 3
+# alternated rounds. 0.67 was measured at 1 GiB on the 2-core machine (README); the floor leaves
+# room for a noisy shared machine and for the fixed per-transfer cost that weighs more at 256 MiB.
+GATE ?= 0.45
 perf-gate: install
-	$(BIN)/python perf/transfer.py --size 256MiB --rounds 3 --gate
+	$(BIN)/python perf/transfer.py --size 256MiB --rounds 3 --no-scp --gate $(GATE) --json perf/results/gate.json
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -132,9 +132,14 @@ async def _connect(host: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
+def _printable(text: str) -> str:
+    """A peer's text as one safe line: no escape sequences or line breaks reach the terminal."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def _refused(event: Event) -> Refused:
     if isinstance(event, RefusedEvent):
-        return Refused(f"server refused: {event.reason}", event.code)
+        return Refused(f"server refused: {_printable(event.reason)}", event.code)
     return Refused(f"server sent {type(event).__name__} unexpectedly", 0)
 
 

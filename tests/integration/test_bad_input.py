@@ -321,6 +321,23 @@ def test_too_many_clients_are_refused_as_busy(root: Path) -> None:
         assert srv.stop() == 0
 
 
+def trickle(c: RawClient, pieces: list[bytes]) -> tuple[int, str]:
+    """Send one piece every 0.5 s until the server answers (bounded by len(pieces)); return its refusal."""
+    for piece in pieces:
+        try:
+            c.sendall(piece)
+        except OSError:
+            break
+        c.sock.settimeout(0.5)
+        try:
+            if c.sock.recv(1, socket.MSG_PEEK):
+                break
+        except TimeoutError:
+            continue
+    c.sock.settimeout(10)
+    return c.read_refusal()
+
+
 def test_trickled_handshake_hits_the_handshake_deadline(root: Path) -> None:
     """One byte every 0.5 s keeps the idle timer happy but not the handshake deadline."""
     srv = start_server(root, "--idle-timeout", "3", "--handshake-timeout", "2")
@@ -328,19 +345,7 @@ def test_trickled_handshake_hits_the_handshake_deadline(root: Path) -> None:
         started = time.monotonic()
         header = struct.pack(">QQQ", 500, user_hash("zhenqiang"), user_hash("roland-frei"))
         with RawClient(srv.port) as c:
-            for i in range(40):  # bounded: 20 s at most
-                try:
-                    c.sendall(header[i : i + 1] if i < len(header) else b"\x00")
-                except OSError:
-                    break
-                c.sock.settimeout(0.5)
-                try:
-                    if c.sock.recv(1, socket.MSG_PEEK):
-                        break
-                except TimeoutError:
-                    continue
-            c.sock.settimeout(10)
-            code, reason = c.read_refusal()
+            code, reason = trickle(c, [header[i : i + 1] if i < len(header) else b"\x00" for i in range(40)])
         assert code == RefuseCode.TIMEOUT and "within 2 s" in reason
         assert time.monotonic() - started < 6
         assert_still_serves(root, srv)
@@ -357,19 +362,7 @@ def test_trickled_blocks_hit_the_first_block_deadline(root: Path) -> None:
         started = time.monotonic()
         frames = sealed_frames(hs.cipher, payload)
         with hs.client as c:
-            for i in range(40):
-                try:
-                    c.sendall(frames[i * 100 : (i + 1) * 100])
-                except OSError:
-                    break
-                c.sock.settimeout(0.5)
-                try:
-                    if c.sock.recv(1, socket.MSG_PEEK):
-                        break
-                except TimeoutError:
-                    continue
-            c.sock.settimeout(10)
-            code, reason = c.read_refusal()
+            code, reason = trickle(c, [frames[i * 100 : (i + 1) * 100] for i in range(40)])
         assert code == RefuseCode.TIMEOUT and "no authenticated block" in reason
         assert time.monotonic() - started < 8
         assert wait_until(lambda: no_files_for(root, fields))
