@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from Crypto.IO import PEM
 from Crypto.PublicKey import RSA
+from Crypto.Util.asn1 import DerSequence
 
 from .errors import ConfigError
 from .users import check_user, private_key_path, public_key_path
@@ -64,13 +66,33 @@ def load_private(path: Path) -> RSA.RsaKey:
     except OSError as exc:
         raise ConfigError(f"cannot read private key {path}: {exc.strerror}") from None
     try:
-        key = RSA.import_key(data)
+        key = _import_own_private(data)
     except (ValueError, IndexError, TypeError):
         raise ConfigError(f"{path} is not a PEM RSA key") from None
     if not key.has_private():
         raise ConfigError(f"{path} holds a public key, not a private one")
     if mode & 0o077:
         raise ConfigError(f"private key {path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
+    return key
+
+
+def _import_own_private(data: bytes) -> RSA.RsaKey:
+    """Import a PKCS#1 PEM private key without pycryptodome's primality checks of p and q.
+
+    Those checks cost ~0.15 s per 3072-bit key, paid by every ``m2y send``; the key is the
+    user's own 0600 file, written by ``keygen``. Other formats go through ``RSA.import_key``.
+    """
+    text = data.decode("ascii", "replace")
+    if "-----BEGIN RSA PRIVATE KEY-----" not in text:
+        return RSA.import_key(data)
+    der, _, encrypted = PEM.decode(text)
+    if encrypted:
+        return RSA.import_key(data)
+    seq = DerSequence().decode(der, nr_elements=9, only_ints_expected=True)
+    version, n, e, d, p, q = (int(seq[i]) for i in range(6))
+    if version != 0 or p * q != n:
+        raise ValueError("not an RSA private key")
+    key: RSA.RsaKey = RSA.construct((n, e, d, p, q), consistency_check=False)
     return key
 
 

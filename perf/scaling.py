@@ -9,11 +9,11 @@ and its own folder, all started at once against one server. Two rates per point:
 * server: total bytes / (first data block .. last ACK), from the server's per-transfer log
   lines (their end times and durations), i.e. the transfer itself.
 
-The workers axis (--workers 0,1,2; 0 = inline) needs ``m2y serve --workers``; a build without it prints
+The workers axis (--workers 0,1,2,4; 0 = inline) needs ``m2y serve --workers``; a build without it prints
 'workers: not yet supported by this build' and measures the server as it is.
 Writes a PNG plot (--png) and JSON beside it (--json).
 
-Usage: perf/scaling.py [--size 256MiB] [--clients 1,4,16] [--workers 0,1,2] [--rounds 3]
+Usage: perf/scaling.py [--size 256MiB] [--clients 1,4,16] [--workers 0,1,2,4] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=parse_size, default=parse_size("256MiB"), help="total bytes, split among clients")
     ap.add_argument("--clients", type=int_list, default=[1, 4, 16], help="client counts (default 1,4,16)")
-    ap.add_argument("--workers", type=int_list, default=[0, 1, 2], help="server worker processes (default 0,1,2; "
+    ap.add_argument("--workers", type=int_list, default=[0, 1, 2, 4], help="server worker processes (default 0,1,2,4; "
                     "0 = inline), where m2y serve has --workers")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; each point is the median (default 3)")
     ap.add_argument("--bits", type=int, default=3072, help="RSA key size for the two users (default 3072)")

@@ -231,3 +231,25 @@ def test_load_private_refuses_a_key_others_can_read(generated: tuple[Path, Path,
     finally:
         priv.chmod(0o600)
     assert load_private(priv).has_private()
+
+
+def test_fast_private_import_equals_pycryptodome(generated: tuple[Path, Path, Path]) -> None:
+    _, priv, _ = generated
+    mine = load_private(priv)
+    theirs = RSA.import_key(priv.read_bytes())
+    assert (mine.n, mine.e, mine.d, mine.p, mine.q, mine.u) == (theirs.n, theirs.e, theirs.d, theirs.p, theirs.q,
+                                                                  theirs.u)
+
+
+def test_fast_private_import_refuses_inconsistent_key(generated: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from Crypto.IO import PEM
+    from Crypto.Util.asn1 import DerSequence
+
+    _, priv, _ = generated
+    k = RSA.import_key(priv.read_bytes())
+    der = DerSequence([0, k.n, k.e, k.d, k.p, k.q + 2, 1, 1, 1]).encode()  # q does not divide n
+    bad = tmp_path / "bad.data"
+    bad.write_text(PEM.encode(der, "RSA PRIVATE KEY"))
+    bad.chmod(0o600)
+    with pytest.raises(ConfigError, match="not a PEM RSA key"):
+        load_private(bad)
