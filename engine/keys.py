@@ -90,9 +90,12 @@ def _import_own_private(data: bytes) -> RSA.RsaKey:
         return RSA.import_key(data)
     seq = DerSequence().decode(der, nr_elements=9, only_ints_expected=True)
     version, n, e, d, p, q = (int(seq[i]) for i in range(6))
-    if version != 0 or p * q != n:
+    if version != 0 or p * q != n or not all(1 < x < n for x in (p, q, e, d)):
         raise ValueError("not an RSA private key")
-    key: RSA.RsaKey = RSA.construct((n, e, d, p, q), consistency_check=False)
+    try:
+        key: RSA.RsaKey = RSA.construct((n, e, d, p, q), consistency_check=False)
+    except ArithmeticError:
+        raise ValueError("not an RSA private key") from None
     return key
 
 

@@ -196,12 +196,16 @@ def _worker_main(pipe: Pipe) -> None:
             cipher = ciphers.get(keysalt)
             if cipher is None:
                 cipher = ciphers[keysalt] = BlockCipher(keysalt[:16], keysalt[16:])
-            crc = process_batch(cipher, op, mem.frames(slot), first, plain_len)
-            pipe.send((seq, crc, None, 0))
+            reply: tuple[int, int, str | None, int] = (seq, process_batch(cipher, op, mem.frames(slot), first,
+                                                                           plain_len), None, 0)
         except RemoteProtocolError as exc:
-            pipe.send((seq, 0, exc.reason, int(exc.code)))
+            reply = (seq, 0, exc.reason, int(exc.code))
         except Exception as exc:  # report, never die with a batch held
-            pipe.send((seq, 0, f"worker error: {type(exc).__name__}: {exc}", int(RefuseCode.INTERNAL)))
+            reply = (seq, 0, f"worker error: {type(exc).__name__}: {exc}", int(RefuseCode.INTERNAL))
+        try:
+            pipe.send(reply)
+        except OSError:  # the parent is gone (shutting down): nothing to answer to
+            break
 
 
 @dataclass

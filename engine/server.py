@@ -78,21 +78,22 @@ class KeyRing:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.users: dict[int, tuple[str, RSA.RsaKey]] = {}
-        self._cache: dict[Path, tuple[int, RSA.RsaKey]] = {}
+        self._cache: dict[Path, tuple[tuple[int, int, int], RSA.RsaKey]] = {}
         self._scanned = -1e9
         self.scan()
 
     def _load(self, path: Path, private: bool) -> RSA.RsaKey | None:
         try:
-            mtime = path.stat().st_mtime_ns
+            st = path.stat()
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
             hit = self._cache.get(path)
-            if hit is not None and hit[0] == mtime:
+            if hit is not None and hit[0] == stamp:
                 return hit[1]
             key = load_private(path) if private else load_public(path)
-        except (M2YError, OSError) as exc:
+        except Exception as exc:  # one bad key file must not take the server down: skip it, say why
             log.warning("skipping key %s: %s", path, getattr(exc, "reason", exc))
             return None
-        self._cache[path] = (mtime, key)
+        self._cache[path] = (stamp, key)
         return key
 
     def scan(self) -> None:
@@ -297,6 +298,7 @@ class _Session:
         log.info("%s %d B %.2f s %.1f MB/s %s", self.label, nbytes, elapsed, nbytes / elapsed / 1e6, outcome)
 
     async def _refuse(self, code: RefuseCode, reason: str) -> None:
+        self._watchdog.cancel()  # a timeout must not cut the refusal itself short
         try:
             data = b"".join(self.conn.send(RefusedEvent(int(code), reason)))
         except ProtocolError:
@@ -341,17 +343,15 @@ class _Session:
         conn.set_filesize(filesize)
         await self.loop.sock_sendall(self.sock, b"".join(conn.send(ReplyEvent(sealed))))
         self.started = time.monotonic()
-        if filesize > 0:
-            self.deadline = (self.loop.time() + self._idle(),
-                             f"no authenticated block within {self._idle():g} s of the reply")
-        else:
-            self.deadline = None
+        self.deadline = (self.loop.time() + self._idle(),
+                         f"no authenticated block or CRC frame within {self._idle():g} s of the reply")
 
         cipher = BlockCipher(filekey, salt)
         actual = await self._receive_blocks(filekey, salt, filesize, incoming)
         event = await self._next()
         assert isinstance(event, FileCRC)
         claimed = cipher.open_crc(event.sealed)
+        self.deadline = None  # an empty file's sender proves itself here
         if claimed != actual:
             raise RemoteProtocolError(
                 f"file CRC mismatch: client says {claimed:016x}, received bytes give {actual:016x}",
@@ -369,6 +369,10 @@ class _Session:
             await asyncio.shield(commit)  # a stopping server waits for a commit under way
         except asyncio.CancelledError:
             await asyncio.wait([commit])
+            if commit.exception() is None:  # durable: release it, and tell the client if we still can
+                incoming.finish()
+                with contextlib.suppress(OSError):
+                    self.sock.send(b"".join(conn.send(AckEvent(cipher.seal_ack(filesize, actual)))))
             raise
         incoming.finish()  # on the loop: releases the name and the disk reservation
         await self.loop.sock_sendall(self.sock, b"".join(conn.send(AckEvent(cipher.seal_ack(filesize, actual)))))
@@ -385,6 +389,7 @@ class _Session:
         async def retire_oldest() -> None:
             nonlocal crc
             slot, batch_crc, plain_len = await ring.result()
+            self.deadline = None  # this batch authenticated: the sender holds the filekey
             incoming.writev(plain_views(ring.frames(slot), plain_len))
             crc = crc64_combine(crc, batch_crc, plain_len)
             free.append(slot)

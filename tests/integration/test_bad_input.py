@@ -369,3 +369,19 @@ def test_trickled_blocks_hit_the_first_block_deadline(root: Path) -> None:
         assert_still_serves(root, srv)
     finally:
         assert srv.stop() == 0
+
+
+def test_a_broken_private_key_of_another_user_does_not_stop_the_server(root: Path) -> None:
+    from Crypto.IO import PEM
+    from Crypto.PublicKey import RSA
+    from Crypto.Util.asn1 import DerSequence
+
+    path = root / "mallory" / "privateKey" / "mallory.data"
+    k = RSA.import_key(path.read_bytes())
+    path.write_text(PEM.encode(DerSequence([0, k.n, k.e, k.d, 1, k.n, 1, 1, 1]).encode(), "RSA PRIVATE KEY"))
+    srv = start_server(root)
+    try:
+        assert "skipping key" in srv.log() and "mallory" in srv.log()
+        assert_still_serves(root, srv)
+    finally:
+        assert srv.stop() == 0

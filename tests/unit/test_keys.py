@@ -253,3 +253,16 @@ def test_fast_private_import_refuses_inconsistent_key(generated: tuple[Path, Pat
     bad.chmod(0o600)
     with pytest.raises(ConfigError, match="not a PEM RSA key"):
         load_private(bad)
+
+
+def test_fast_private_import_refuses_degenerate_factors(generated: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from Crypto.IO import PEM
+    from Crypto.Util.asn1 import DerSequence
+
+    _, priv, _ = generated
+    k = RSA.import_key(priv.read_bytes())
+    bad = tmp_path / "degenerate.data"
+    bad.write_text(PEM.encode(DerSequence([0, k.n, k.e, k.d, 1, k.n, 1, 1, 1]).encode(), "RSA PRIVATE KEY"))
+    bad.chmod(0o600)
+    with pytest.raises(ConfigError, match="not a PEM RSA key"):
+        load_private(bad)
