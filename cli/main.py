@@ -44,6 +44,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="seconds a client has to send its header and metadata, however it trickles them")
     p.add_argument("--max-clients", type=int, default=64, help="transfers at once; more are refused as busy")
     _add_workers(p)
+    _add_batch(p)
 
 
 def _add_send(p: argparse.ArgumentParser) -> None:
@@ -53,12 +54,23 @@ def _add_send(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default {DEFAULT_PORT})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the server")
     _add_workers(p)
+    _add_batch(p)
 
 
 def _add_workers(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help=f"block-crypto worker processes; 0 = inline (default here: {default_workers()}, "
                         "from the core count: 0 on <= 2 cores, else cores - 2, at most 8)")
+
+
+def _add_batch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=16, help="64 KiB blocks per batch (1-64; tuning, default 16)")
+
+
+def _batch(args: argparse.Namespace) -> int:
+    if not 1 <= args.batch <= 64:
+        raise ConfigError(f"--batch {args.batch} is out of range 1..64")
+    return int(args.batch)
 
 
 def _workers(args: argparse.Namespace) -> int:
@@ -122,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(root=root, host=args.host, port=args.port, max_envelope=args.max_meta,
                           max_file_size=args.max_file_size, idle_timeout=args.idle_timeout,
                           workers=_workers(args), max_clients=args.max_clients,
-                          handshake_timeout=args.handshake_timeout)
+                          handshake_timeout=args.handshake_timeout, batch=_batch(args))
 
     def listening(server: Server) -> None:
         names = ", ".join(sorted(n for n, _ in server.keys.users.values())) or "none yet"
@@ -138,7 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    results = send_files(args.metas, _root(args), args.host, args.port, args.timeout, _workers(args))
+    results = send_files(args.metas, _root(args), args.host, args.port, args.timeout, _workers(args), _batch(args))
     for r in results:
         where = f" -> {r.renamed_to.name}" if r.renamed_to else ""
         if r.ok:

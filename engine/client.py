@@ -234,7 +234,7 @@ def _final_name(meta_path: Path, suffix: str) -> Path:
 
 
 def send_files(metas: list[Path], root: Path, host: str, port: int,
-               timeout: float = DEFAULT_TIMEOUT, workers: int = 0) -> list[Result]:
+               timeout: float = DEFAULT_TIMEOUT, workers: int = 0, batch: int = 16) -> list[Result]:
     """Send each .meta in turn; rename it .done on ACK, .failed otherwise."""
 
     async def run() -> list[Result]:
@@ -253,7 +253,7 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
             started = time.monotonic()
             try:
                 prepared = prepare(meta_path, root)
-                nbytes = await send_one(prepared, host, port, timeout, pool=pool)
+                nbytes = await send_one(prepared, host, port, timeout, batch, pool=pool)
                 ok, message = True, "ACK"
             except M2YError as exc:
                 ok, message, nbytes = False, exc.reason, 0
