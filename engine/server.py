@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,7 +336,8 @@ class _Session:
             raise RemoteProtocolError("metadata from/to do not match the header's user hashes",
                                       RefuseCode.BAD_METADATA)
         self.label = f"{sender} -> {recipient} {fields['folder']}/{sender}_{fields['datetime']}.data"
-        self.incoming = incoming = self.server.storage.begin(meta.stored(fields))
+        incoming = await self._off_loop(self.server.storage.begin, meta.stored(fields))
+        self.incoming = incoming
         reply, filekey, salt = meta.add_reply_fields(fields)
         sealed = envelope.seal(public_key, meta.to_json(reply),
                                envelope.aad(envelope.REPLY, header.from_hash, header.to_hash))
@@ -410,6 +412,18 @@ class _Session:
             ring.close()
             self.ring = None
         return crc
+
+    async def _off_loop(self, begin: Callable[[dict[str, Any]], Incoming], fields: dict[str, Any]) -> Incoming:
+        """Run ``Storage.begin`` (mkdir, .meta write and fsyncs) in a thread, so a slow disk stalls
+        only this transfer; if we are cancelled meanwhile, wait for it and undo what it made."""
+        fut = self.loop.run_in_executor(None, begin, fields)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait([fut])
+            if not fut.cancelled() and fut.exception() is None:
+                fut.result().abort()
+            raise
 
     def _batch_failed(self, exc: M2YError) -> None:
         """A worker found a bad block (or died) while we wait on the socket: stop now, say why."""

@@ -284,6 +284,8 @@ class Storage:
         self.root = root
         self.max_file_size = max_file_size
         self._active: dict[str, Incoming] = {}
+        self._table = threading.Lock()  # begin() may run in executor threads, several at once
+        self._begins = threading.Lock()  # ... one at a time: a loser must not rmdir a folder a winner uses
 
     def reserved(self) -> int:
         return sum(max(t.filesize - t.written, 0) for t in list(self._active.values()))
@@ -292,8 +294,12 @@ class Storage:
         """Check limits and names, store the .meta, open the .part. Refusals carry the reason.
 
         Creates missing folders (never through a symlink); on any failure removes what it made
-        and holds no reservation.
+        and holds no reservation. Blocking (fsyncs): the server runs it in a thread.
         """
+        with self._begins:
+            return self._begin(fields)
+
+    def _begin(self, fields: dict[str, Any]) -> Incoming:
         sender, recipient = check_user(fields["from"]), check_user(fields["to"])
         folder = safe_folder(fields["folder"])
         filesize = fields["filesize"]
@@ -341,15 +347,16 @@ class Storage:
                 f"{folder}/{stem}.data was already received; a finished file is never overwritten",
                 RefuseCode.EXISTS,
             )
-        if incoming.key in self._active:
-            raise RemoteProtocolError(f"{folder}/{stem} is being received right now", RefuseCode.BUSY)
-        free = psutil.disk_usage(str(incoming.data_path.parent)).free - self.reserved()
-        if incoming.filesize > free:
-            raise RemoteProtocolError(
-                f"file of {incoming.filesize} bytes does not fit: {max(free, 0)} bytes free on the server",
-                RefuseCode.NO_SPACE,
-            )
-        self._active[incoming.key] = incoming
+        with self._table:  # check and claim the name and the space in one step
+            if incoming.key in self._active:
+                raise RemoteProtocolError(f"{folder}/{stem} is being received right now", RefuseCode.BUSY)
+            free = psutil.disk_usage(str(incoming.data_path.parent)).free - self.reserved()
+            if incoming.filesize > free:
+                raise RemoteProtocolError(
+                    f"file of {incoming.filesize} bytes does not fit: {max(free, 0)} bytes free on the server",
+                    RefuseCode.NO_SPACE,
+                )
+            self._active[incoming.key] = incoming
         tmp = incoming._tmp_name
         fd = _create_file(tmp, dir_fd)
         incoming.tmp_ours = True
@@ -365,5 +372,6 @@ class Storage:
         incoming.part_ours = True
 
     def release(self, incoming: Incoming) -> None:
-        if self._active.get(incoming.key) is incoming:
-            del self._active[incoming.key]
+        with self._table:
+            if self._active.get(incoming.key) is incoming:
+                del self._active[incoming.key]

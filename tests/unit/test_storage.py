@@ -533,3 +533,29 @@ def test_abort_twice_after_begin_and_after_refusal(root: Path) -> None:
     other.abort()
     other.abort()
     assert list(home(root).iterdir()) == []  # the folder it made is gone too
+
+
+def test_concurrent_begins_in_threads_claim_a_name_once(root: Path) -> None:
+    """The server runs begin() in executor threads: of 8 racing for one name, exactly one wins."""
+    import threading
+
+    store = Storage(root, 10 * MiB)
+    barrier = threading.Barrier(8)
+    won: list[object] = []
+    busy: list[RefuseCode] = []
+
+    def race() -> None:
+        barrier.wait(5)
+        try:
+            won.append(store.begin(fields()))
+        except RemoteProtocolError as exc:
+            busy.append(exc.code)
+
+    threads = [threading.Thread(target=race) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(won) == 1 and len(busy) == 7
+    assert set(busy) <= {RefuseCode.BUSY}
+    assert with_suffix(target(root), ".part").exists()
