@@ -199,6 +199,7 @@ class Connection:
         self._region_count = 0
         self._next_block = 0  # next block index to receive or send
         self._events: list[Event] = []
+        self._envelope_len = 0  # from the header, sent or received
         self._eof = False
 
     # -- state --------------------------------------------------------------------------
@@ -411,8 +412,6 @@ class Connection:
         return NEED_DATA
 
     # -- parsers (one per control message) -------------------------------------------------
-
-    _envelope_len = 0
 
     def _parse_header(self, raw: bytes) -> Event:
         length, from_hash, to_hash = HEADER.unpack(raw)
