@@ -198,7 +198,7 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
         nonlocal crc
         slot, batch_crc, plain_len = await ring.result()
         first, count = queued.popleft()
-        crc = crc64_combine(crc, batch_crc, plain_len)
+        crc = batch_crc if ring.chained else crc64_combine(crc, batch_crc, plain_len)
         await ch.send(Blocks(first, count, ring.frames(slot)[: frames_size(filesize, first, count)]))
         free.append(slot)
 

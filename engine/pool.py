@@ -70,15 +70,16 @@ def advance(views: list[memoryview], n: int) -> list[memoryview]:
     return rest
 
 
-def process_batch(cipher: BlockCipher, op: int, frames: memoryview, first: int, plain_len: int) -> int:
+def process_batch(
+    cipher: BlockCipher, op: int, frames: memoryview, first: int, plain_len: int, crc: int = 0
+) -> int:
     """Seal or open one batch in place; return the CRC-64 of its plaintext.
 
     Plaintext block i sits at the start of frame i, so sealing writes ciphertext over it and
     appends the tag, and opening does the reverse: no second buffer and no copy (OpenSSL's
     GCM works in place when input and output start at the same address). The CRC is taken
-    on each block while it is in cache: before sealing, after opening.
+    on each block while it is in cache: before sealing, after opening; it continues from ``crc``.
     """
-    crc = 0
     index = first
     for p in plain_views(frames, plain_len):
         size = len(p)
@@ -98,6 +99,7 @@ class Ring(Protocol):
 
     depth: int
     on_failure: Callable[[M2YError], None] | None  # called as soon as a batch fails
+    chained: bool  # result() gives the CRC of everything so far (True) or of the batch alone (False)
     verified: int  # batches whose blocks all authenticated
 
     def frames(self, slot: int) -> memoryview: ...
@@ -139,8 +141,11 @@ def _close_segment(shm: SharedMemory) -> None:
 class InlineRing:
     """``--workers 0``: the batch is processed at submit time, in this process."""
 
+    chained = True  # batches are processed in order here, so the CRC simply runs on
+
     def __init__(self, cipher: BlockCipher, batch: int, depth: int = 2) -> None:
         self.depth = depth
+        self._crc = 0
         self._cipher = cipher
         self._mem = _SlotMemory(memoryview(bytearray(slot_size(batch) * depth)), batch, depth)
         self._done: collections.deque[tuple[int, int, int]] = collections.deque()
@@ -152,8 +157,8 @@ class InlineRing:
 
     def submit(self, slot: int, op: int, first: int, plain_len: int) -> None:
         """Process at once: a bad block raises here, before anything else is received."""
-        crc = process_batch(self._cipher, op, self.frames(slot), first, plain_len)
-        self._done.append((slot, crc, plain_len))
+        self._crc = process_batch(self._cipher, op, self.frames(slot), first, plain_len, self._crc)
+        self._done.append((slot, self._crc, plain_len))
         self.verified += 1
 
     async def result(self) -> tuple[int, int, int]:
@@ -315,6 +320,8 @@ class WorkerPool:
 
 class PoolRing:
     """One transfer's slots in shared memory, processed by a ``WorkerPool``."""
+
+    chained = False  # workers finish batches in any order: the owner combines batch CRCs
 
     def __init__(self, pool: WorkerPool, keysalt: bytes, batch: int, depth: int) -> None:
         self.depth = depth

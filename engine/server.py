@@ -393,7 +393,7 @@ class _Session:
             slot, batch_crc, plain_len = await ring.result()
             self.deadline = None  # this batch authenticated: the sender holds the filekey
             incoming.writev(plain_views(ring.frames(slot), plain_len))
-            crc = crc64_combine(crc, batch_crc, plain_len)
+            crc = batch_crc if ring.chained else crc64_combine(crc, batch_crc, plain_len)
             free.append(slot)
 
         try:

@@ -83,3 +83,19 @@ def test_plain_views_and_advance() -> None:
 
 def test_default_workers_rule() -> None:
     assert [default_workers(n) for n in (1, 2, 3, 4, 8, 16, 64)] == [0, 0, 1, 2, 6, 8, 8]
+
+
+def test_inline_ring_crc_runs_on_across_batches() -> None:
+    ring = InlineRing(BlockCipher(os.urandom(16), os.urandom(4)), batch=2)
+    assert ring.chained
+    a, b = os.urandom(2 * BLOCK_SIZE), os.urandom(BLOCK_SIZE + 9)
+
+    async def run() -> None:
+        _fill(ring, 0, a)
+        ring.submit(0, ENCRYPT, 0, len(a))
+        _fill(ring, 1, b)
+        ring.submit(1, ENCRYPT, 2, len(b))
+        (_, crc_a, _), (_, crc_ab, _) = await ring.result(), await ring.result()
+        assert crc_a == reference_crc64(a) and crc_ab == reference_crc64(a + b)
+
+    asyncio.run(run())
