@@ -73,11 +73,13 @@ perf: install
 	$(BIN)/python perf/scaling.py
 
 # CI's perf regression gate: m2y/raw (both timed connect -> done) over 256 MiB, median of 3
-# alternated rounds. 0.67 was measured at 1 GiB on the 2-core machine (README); the floor leaves
-# room for a noisy shared machine and for the fixed per-transfer cost that weighs more at 256 MiB.
-GATE ?= 0.45
+# alternated rounds. Measured here: 0.62-0.67 at 256 MiB, 0.45-0.75 at 1 GiB on a busy or quiet
+# host (README). The floor sits below the noise yet above what a real regression gives (crcmod put
+# back on the hot path measured 0.10 here); one re-run absorbs a bad minute.
+GATE ?= 0.35
+PERF_GATE_RUN = $(BIN)/python perf/transfer.py --size 256MiB --rounds 3 --no-scp --gate $(GATE) --json perf/results/gate.json
 perf-gate: install
-	$(BIN)/python perf/transfer.py --size 256MiB --rounds 3 --no-scp --gate $(GATE) --json perf/results/gate.json
+	$(PERF_GATE_RUN) || { echo "perf gate: below the floor once; measuring again (shared, noisy machine)"; $(PERF_GATE_RUN); }
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info .pytest_cache .mypy_cache .ruff_cache
