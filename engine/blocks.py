@@ -38,6 +38,11 @@ def plain_size(filesize: int, index: int) -> int:
     return min(BLOCK_SIZE, filesize - index * BLOCK_SIZE)
 
 
+def batch_plain_size(filesize: int, first: int, count: int) -> int:
+    """Plaintext bytes in ``count`` consecutive blocks from block ``first`` on."""
+    return min(filesize, (first + count) * BLOCK_SIZE) - first * BLOCK_SIZE
+
+
 def wire_size(filesize: int) -> int:
     """Bytes of all block frames together."""
     return filesize + TAG_LEN * block_count(filesize)

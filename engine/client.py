@@ -1,8 +1,9 @@
 """The client: reads a .meta, talks to a server through ``protocol.Connection``, streams the file.
 
-The file is read straight into a batch buffer (no intermediate copies), each 64 KiB
-block is sealed into the outgoing region with ``encrypt_into``, the CRC runs over the
-plaintext batch, and the region goes to the socket with ``sock_sendall``.
+Each batch of the file is read with ``readv`` straight into a slot of the ring, every
+64 KiB block at the start of its own frame; the ring (``pool.py``) CRCs and seals each
+block in place, and the slot goes to the socket with ``sock_sendall``: no block is copied
+in user space.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from Crypto.PublicKey import RSA
 
 from . import envelope, meta
-from .blocks import BLOCK_SIZE, BlockCipher, block_count
+from .blocks import BlockCipher, batch_plain_size, block_count
 from .crc import crc64_combine
 from .errors import ConfigError, M2YError, ProtocolError, Refused, RemoteProtocolError
 from .keys import load_private, load_public
@@ -210,7 +211,7 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
                     await send_oldest()
                 slot = free.pop()
                 count = min(batch, total - index)
-                want = min(filesize, (index + count) * BLOCK_SIZE) - index * BLOCK_SIZE
+                want = batch_plain_size(filesize, index, count)
                 todo = plain_views(ring.frames(slot), want)  # each block straight into its frame
                 while todo:
                     n = os.readv(fd, todo)

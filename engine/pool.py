@@ -1,17 +1,18 @@
 """Block crypto off the network process: a pool of worker processes over shared memory.
 
 Strategy: each transfer owns a ring of slots in one ``multiprocessing.shared_memory``
-segment. A slot holds a batch of plaintext blocks and the same blocks as wire frames.
-The network process fills a slot (file -> plaintext, or socket -> frames), sends the
-slot *number* and a few integers to a worker over a pipe, and gets back the batch's
-CRC-64 of the plaintext (or an error line). Block bytes never cross a pipe.
+segment. A slot holds one batch laid out as on the wire: each block's plaintext sits at the
+start of its frame and is sealed (or opened) in place. The network process fills a slot
+(file -> plaintext, or socket -> frames), sends the slot *number* and a few integers to a
+worker over a pipe, and gets back the batch's CRC-64 of the plaintext (or an error line).
+Block bytes never cross a pipe.
 Results are consumed in submission order, so the file and the socket see the blocks
 in order however the workers finish; a transfer has at most ``depth`` batches in
 flight, which is the back-pressure that keeps memory flat whatever the file size.
 
-Each worker computes the CRC of its own batch right after sealing/opening it (the
-bytes are still in cache); the network process joins the batch CRCs with
-``crc.crc64_combine``, so there is no extra pass over the data.
+Each block's CRC is taken right before sealing / after opening it (the bytes are still in
+cache). Workers return per-batch CRCs that the network process joins with
+``crc.crc64_combine``; ``InlineRing`` simply lets the CRC run on. No extra pass over the data.
 
 ``InlineRing`` does the same work in the calling process (``--workers 0``) and is
 what the pool is tested against.

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .blocks import ACK_BODY_LEN, BLOCK_SIZE, CRC_FRAME_LEN, TAG_LEN, block_count, plain_size
+from .blocks import ACK_BODY_LEN, CRC_FRAME_LEN, TAG_LEN, batch_plain_size, block_count, plain_size
 from .crc import BytesLike
 from .errors import LocalProtocolError, RefuseCode, RemoteProtocolError
 
@@ -156,8 +156,7 @@ Allocator = Callable[[int], memoryview]
 
 def frames_size(filesize: int, first: int, count: int) -> int:
     """Wire bytes of ``count`` frames from block ``first`` on."""
-    end_plain = min(filesize, (first + count) * BLOCK_SIZE)
-    return end_plain - first * BLOCK_SIZE + TAG_LEN * count
+    return batch_plain_size(filesize, first, count) + TAG_LEN * count
 
 
 def refusal_bytes(code: int, reason: str) -> bytes:

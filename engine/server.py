@@ -23,7 +23,7 @@ from typing import Any
 from Crypto.PublicKey import RSA
 
 from . import envelope, meta
-from .blocks import BLOCK_SIZE, BlockCipher
+from .blocks import BlockCipher, batch_plain_size
 from .crc import crc64_combine
 from .errors import M2YError, ProtocolError, RefuseCode, RemoteProtocolError
 from .keys import load_private, load_public
@@ -403,7 +403,7 @@ class _Session:
                 self.slot = free.pop()
                 event = await self._next()  # fills ring.frames(self.slot) through _allocate
                 assert isinstance(event, Blocks)
-                plain_len = min(filesize, (event.first + event.count) * BLOCK_SIZE) - event.first * BLOCK_SIZE
+                plain_len = batch_plain_size(filesize, event.first, event.count)
                 ring.submit(self.slot, DECRYPT, event.first, plain_len)
             while ring.in_flight():
                 await retire_oldest()

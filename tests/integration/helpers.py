@@ -99,6 +99,12 @@ def make_file(root: Path, size: int, sender: str = "zhenqiang", recipient: str =
     return data, meta_path
 
 
+def payload_fields(size: int) -> tuple[bytes, dict[str, Any]]:
+    """``size`` random bytes and metadata for them, for clients that speak the protocol by hand."""
+    payload = os.urandom(size)
+    return payload, meta.make("zhenqiang", "roland-frei", "photo", "x.bin", size, crc64(payload))
+
+
 def received(root: Path, meta_path: Path) -> Path:
     fields = meta.read_meta_file(meta_path) if meta_path.exists() else None
     assert fields is not None

@@ -24,6 +24,7 @@ from .helpers import (
     ServerProcess,
     handshake,
     make_file,
+    payload_fields,
     run_send,
     sealed_frames,
     sealed_request,
@@ -187,13 +188,8 @@ def test_filesize_over_free_disk(root: Path) -> None:
 # -- the data stream --------------------------------------------------------------------------------
 
 
-def _payload_fields(size: int) -> tuple[bytes, dict[str, Any]]:
-    payload = os.urandom(size)
-    return payload, meta.make("zhenqiang", "roland-frei", "photo", "x.bin", size, crc64(payload))
-
-
 def test_tampered_block(root: Path, server: ServerProcess) -> None:
-    payload, fields = _payload_fields(3 * BLOCK_SIZE + 100)
+    payload, fields = payload_fields(3 * BLOCK_SIZE + 100)
     hs = handshake(root, server.port, fields)
     frames = bytearray(sealed_frames(hs.cipher, payload))
     frames[BLOCK_SIZE + TAG_LEN + 5] ^= 0x01  # one bit of block 1
@@ -206,7 +202,7 @@ def test_tampered_block(root: Path, server: ServerProcess) -> None:
 
 
 def test_wrong_final_crc(root: Path, server: ServerProcess) -> None:
-    payload, fields = _payload_fields(100_000)
+    payload, fields = payload_fields(100_000)
     hs = handshake(root, server.port, fields)
     with hs.client as c:
         hs.send_frames(sealed_frames(hs.cipher, payload))
@@ -218,7 +214,7 @@ def test_wrong_final_crc(root: Path, server: ServerProcess) -> None:
 
 
 def test_crc_frame_not_sealed_with_filekey(root: Path, server: ServerProcess) -> None:
-    payload, fields = _payload_fields(0)
+    payload, fields = payload_fields(0)
     hs = handshake(root, server.port, fields)
     with hs.client as c:
         c.sendall(struct.pack(">Q", crc64(payload)) + bytes(16))  # a plain CRC, as an attacker would
@@ -229,7 +225,7 @@ def test_crc_frame_not_sealed_with_filekey(root: Path, server: ServerProcess) ->
 
 
 def test_disconnect_mid_file(root: Path, server: ServerProcess) -> None:
-    payload, fields = _payload_fields(20 * BLOCK_SIZE)
+    payload, fields = payload_fields(20 * BLOCK_SIZE)
     hs = handshake(root, server.port, fields)
     frames = sealed_frames(hs.cipher, payload)
     hs.client.sendall(frames[: len(frames) // 2])
@@ -251,7 +247,7 @@ def test_silent_client_before_header(root: Path, server: ServerProcess) -> None:
 
 
 def test_silent_client_mid_file(root: Path, server: ServerProcess) -> None:
-    payload, fields = _payload_fields(10 * BLOCK_SIZE)
+    payload, fields = payload_fields(10 * BLOCK_SIZE)
     hs = handshake(root, server.port, fields)
     with hs.client as c:
         c.sendall(sealed_frames(hs.cipher, payload)[: 3 * BLOCK_SIZE])
@@ -280,7 +276,7 @@ def test_same_from_datetime_never_overwrites(root: Path, server: ServerProcess) 
 
 
 def test_same_transfer_twice_at_once(root: Path, server: ServerProcess) -> None:
-    payload, fields = _payload_fields(5 * BLOCK_SIZE)
+    payload, fields = payload_fields(5 * BLOCK_SIZE)
     hs = handshake(root, server.port, fields)
     try:
         code, reason = refuse_after_request(root, server, fields)
@@ -356,8 +352,7 @@ def test_trickled_handshake_hits_the_handshake_deadline(root: Path) -> None:
 def test_trickled_blocks_hit_the_first_block_deadline(root: Path) -> None:
     srv = start_server(root, "--idle-timeout", "3")
     try:
-        payload = os.urandom(20 * BLOCK_SIZE)
-        fields = meta.make("zhenqiang", "roland-frei", "photo", "x.bin", len(payload), crc64(payload))
+        payload, fields = payload_fields(20 * BLOCK_SIZE)
         hs = handshake(root, srv.port, fields)
         started = time.monotonic()
         frames = sealed_frames(hs.cipher, payload)

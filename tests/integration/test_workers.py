@@ -13,10 +13,9 @@ import pytest
 
 from engine import meta
 from engine.blocks import BLOCK_SIZE, TAG_LEN
-from engine.crc import crc64
 from engine.errors import RefuseCode
 
-from .helpers import handshake, make_file, run_send, sealed_frames, start_server, target, wait_until
+from .helpers import handshake, make_file, payload_fields, run_send, sealed_frames, start_server, target, wait_until
 
 
 @pytest.mark.parametrize("size", [0, 65537, 5_000_000])
@@ -36,8 +35,7 @@ def test_transfer_with_workers_on_both_sides(root: Path, size: int) -> None:
 def test_tampered_block_with_workers(root: Path) -> None:
     srv = start_server(root, "--workers", "1")
     try:
-        payload = os.urandom(40 * BLOCK_SIZE)
-        fields = meta.make("zhenqiang", "roland-frei", "photo", "x.bin", len(payload), crc64(payload))
+        payload, fields = payload_fields(40 * BLOCK_SIZE)
         hs = handshake(root, srv.port, fields)
         frames = bytearray(sealed_frames(hs.cipher, payload))
         frames[33 * (BLOCK_SIZE + TAG_LEN) + 1] ^= 0x80
@@ -67,8 +65,7 @@ def test_dead_worker_fails_the_transfer_and_the_server_goes_on(root: Path) -> No
     try:
         assert wait_until(lambda: len(_workers_of(srv.proc.pid)) == 1)
         (worker,) = _workers_of(srv.proc.pid)
-        payload = os.urandom(64 * BLOCK_SIZE)
-        fields = meta.make("zhenqiang", "roland-frei", "photo", "x.bin", len(payload), crc64(payload))
+        payload, fields = payload_fields(64 * BLOCK_SIZE)
         hs = handshake(root, srv.port, fields)
         frames = sealed_frames(hs.cipher, payload)
         worker.send_signal(signal.SIGSTOP)  # batches now queue up at the worker ...
