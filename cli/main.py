@@ -6,22 +6,31 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine import meta
-from engine.client import DEFAULT_TIMEOUT, send_files
-from engine.crc import crc64
-from engine.errors import ConfigError, M2YError
-from engine.keys import DEFAULT_BITS, keygen
-from engine.pool import default_workers
-from engine.server import (
+from engine.defaults import (
+    DEFAULT_BATCH,
+    DEFAULT_BITS,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CLIENTS,
+    DEFAULT_MAX_ENVELOPE,
     DEFAULT_MAX_FILE_SIZE,
     DEFAULT_PORT,
-    Server,
-    ServerConfig,
-    serve,
+    DEFAULT_TIMEOUT,
+    MAX_BATCH,
+    MAX_WORKERS,
+    default_workers,
 )
+from engine.errors import ConfigError, M2YError
 from engine.users import default_root
+
+if TYPE_CHECKING:
+    from engine.server import Server
+
+# Each command imports the engine parts it runs, inside its function: `m2y send` never loads
+# the server and its storage, `m2y serve` never loads the client (start-up time per transfer).
 
 
 def _root(args: argparse.Namespace) -> Path:
@@ -34,15 +43,16 @@ def _add_root(p: argparse.ArgumentParser) -> None:
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
     _add_root(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
     p.add_argument("--max-file-size", type=int, default=DEFAULT_MAX_FILE_SIZE, help="largest file accepted, bytes")
-    p.add_argument("--max-meta", type=int, default=64 * 1024, help="largest metadata envelope, bytes")
+    p.add_argument("--max-meta", type=int, default=DEFAULT_MAX_ENVELOPE, help="largest metadata envelope, bytes")
     p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
                    help="seconds a client may stay silent mid-transfer")
-    p.add_argument("--handshake-timeout", type=float, default=10.0,
+    p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT,
                    help="seconds a client has to send its header and metadata, however it trickles them")
-    p.add_argument("--max-clients", type=int, default=64, help="transfers at once; more are refused as busy")
+    p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS,
+                   help="transfers at once; more are refused as busy")
     _add_workers(p)
     _add_batch(p)
 
@@ -50,7 +60,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 def _add_send(p: argparse.ArgumentParser) -> None:
     p.add_argument("metas", nargs="+", metavar="META", type=Path, help=".meta files to send")
     _add_root(p)
-    p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"server address (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default {DEFAULT_PORT})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the server")
     _add_workers(p)
@@ -64,19 +74,20 @@ def _add_workers(p: argparse.ArgumentParser) -> None:
 
 
 def _add_batch(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=16, help="64 KiB blocks per batch (1-64; tuning, default 16)")
+    p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                   help=f"64 KiB blocks per batch (1-{MAX_BATCH}; tuning, default {DEFAULT_BATCH})")
 
 
 def _batch(args: argparse.Namespace) -> int:
-    if not 1 <= args.batch <= 64:
-        raise ConfigError(f"--batch {args.batch} is out of range 1..64")
+    if not 1 <= args.batch <= MAX_BATCH:
+        raise ConfigError(f"--batch {args.batch} is out of range 1..{MAX_BATCH}")
     return int(args.batch)
 
 
 def _workers(args: argparse.Namespace) -> int:
     n = default_workers() if args.workers is None else args.workers
-    if not 0 <= n <= 64:
-        raise ConfigError(f"--workers {n} is out of range 0..64")
+    if not 0 <= n <= MAX_WORKERS:
+        raise ConfigError(f"--workers {n} is out of range 0..{MAX_WORKERS}")
     return int(n)
 
 
@@ -103,12 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    from engine.keys import keygen
+
     priv, pub = keygen(_root(args), args.user, args.bits, args.force)
     print(f"wrote {priv} (0600) and {pub}")
     return 0
 
 
 def cmd_meta(args: argparse.Namespace) -> int:
+    from engine import meta
+    from engine.crc import crc64
+
     path: Path = args.file
     crc, size = 0, 0
     try:
@@ -127,6 +143,8 @@ def cmd_meta(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.server import ServerConfig, serve
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     root = _root(args)
     if not root.is_dir():
@@ -150,6 +168,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    from engine.client import send_files
+
     results = send_files(args.metas, _root(args), args.host, args.port, args.timeout, _workers(args), _batch(args))
     for r in results:
         where = f" -> {r.renamed_to.name}" if r.renamed_to else ""

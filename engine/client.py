@@ -22,6 +22,7 @@ from Crypto.PublicKey import RSA
 from . import envelope, meta
 from .blocks import BlockCipher, batch_plain_size, block_count
 from .crc import crc64_combine
+from .defaults import DEFAULT_BATCH, DEFAULT_TIMEOUT
 from .errors import ConfigError, M2YError, ProtocolError, Refused, RemoteProtocolError
 from .keys import load_private, load_public
 from .pool import ENCRYPT, Ring, WorkerPool, advance, make_ring, plain_views
@@ -40,8 +41,6 @@ from .protocol import (
 )
 from .protocol import Refused as RefusedEvent
 from .users import private_key_path, public_key_path, user_hash
-
-DEFAULT_TIMEOUT = 60.0
 
 
 @dataclass
@@ -144,7 +143,7 @@ def _refused(event: Event) -> Refused:
     return Refused(f"server sent {type(event).__name__} unexpectedly", 0)
 
 
-async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_TIMEOUT, batch: int = 16,
+async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_TIMEOUT, batch: int = DEFAULT_BATCH,
                    pool: WorkerPool | None = None) -> int:
     """Send one prepared file; returns bytes sent on ACK, raises M2YError otherwise."""
     fields = p.fields
@@ -235,7 +234,7 @@ def _final_name(meta_path: Path, suffix: str) -> Path:
 
 
 def send_files(metas: list[Path], root: Path, host: str, port: int,
-               timeout: float = DEFAULT_TIMEOUT, workers: int = 0, batch: int = 16) -> list[Result]:
+               timeout: float = DEFAULT_TIMEOUT, workers: int = 0, batch: int = DEFAULT_BATCH) -> list[Result]:
     """Send each .meta in turn; rename it .done on ACK, .failed otherwise."""
 
     async def run() -> list[Result]:

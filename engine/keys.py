@@ -13,10 +13,10 @@ from Crypto.IO import PEM
 from Crypto.PublicKey import RSA
 from Crypto.Util.asn1 import DerSequence
 
+from .defaults import DEFAULT_BITS
 from .errors import ConfigError
 from .users import check_user, private_key_path, public_key_path
 
-DEFAULT_BITS = 3072
 MIN_BITS = 2048
 
 

@@ -23,18 +23,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import multiprocessing as mp
 import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection as Pipe
-from multiprocessing.shared_memory import SharedMemory
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .blocks import BLOCK_SIZE, TAG_LEN, BlockCipher
 from .crc import crc64
+from .defaults import default_workers
 from .errors import M2YError, RefuseCode, RemoteProtocolError
+
+if TYPE_CHECKING:  # multiprocessing is imported where a pool starts: inline runs never pay for it
+    from multiprocessing.connection import Connection as Pipe
+    from multiprocessing.shared_memory import SharedMemory
 
 ENCRYPT = 1
 DECRYPT = 2
@@ -177,6 +179,8 @@ class InlineRing:
 
 def _worker_main(pipe: Pipe) -> None:
     """A worker: attach segments by name, process batches, answer with CRCs. Ends on EOF."""
+    from multiprocessing.shared_memory import SharedMemory
+
     segments: dict[str, tuple[SharedMemory, _SlotMemory]] = {}
     ciphers: dict[bytes, BlockCipher] = {}
     while True:
@@ -227,7 +231,9 @@ class WorkerPool:
     def __init__(self, workers: int) -> None:
         if workers < 1:
             raise ValueError("a WorkerPool needs at least one worker; use InlineRing for 0")
-        self._ctx = mp.get_context("spawn")  # no inherited sockets, loops or keys of the parent
+        import multiprocessing
+
+        self._ctx = multiprocessing.get_context("spawn")  # no inherited sockets, loops or keys of the parent
         self._workers: list[_Worker] = []
         self._pending: dict[int, tuple[asyncio.Future[tuple[int, str | None, int]], _Worker]] = {}
         self._seq = 0
@@ -329,6 +335,8 @@ class PoolRing:
         self._pool = pool
         self._keysalt = keysalt
         self._batch = batch
+        from multiprocessing.shared_memory import SharedMemory
+
         size = slot_size(batch) * depth
         self._shm = SharedMemory(name=f"m2y-{os.getpid()}-{secrets.token_hex(6)}", create=True, size=size)
         try:  # take the pages now: a full /dev/shm must be an error here, not a SIGBUS in a worker
@@ -385,13 +393,6 @@ class PoolRing:
         self._mem.release()
         self._shm.unlink()
         _close_segment(self._shm)
-
-
-def default_workers(cpus: int | None = None) -> int:
-    """The rule: inline on 1-2 cores (both ends of a loopback run share them, a pool only adds
-    hand-offs), else one worker per core beyond two, at most 8 (perf/scaling.py measures this)."""
-    n = cpus if cpus is not None else (os.cpu_count() or 1)
-    return 0 if n <= 2 else min(n - 2, 8)
 
 
 def make_ring(pool: WorkerPool | None, cipher_key: bytes, salt: bytes, batch: int) -> Ring:

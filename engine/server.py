@@ -25,6 +25,16 @@ from Crypto.PublicKey import RSA
 from . import envelope, meta
 from .blocks import BlockCipher, batch_plain_size
 from .crc import crc64_combine
+from .defaults import (
+    DEFAULT_BATCH,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HOST,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CLIENTS,
+    DEFAULT_MAX_ENVELOPE,
+    DEFAULT_MAX_FILE_SIZE,
+    DEFAULT_PORT,
+)
 from .errors import M2YError, ProtocolError, RefuseCode, RemoteProtocolError
 from .keys import load_private, load_public
 from .pool import DECRYPT, Ring, WorkerPool, make_ring, plain_views
@@ -47,23 +57,20 @@ from .users import check_user, user_hash
 
 log = logging.getLogger("m2y.server")
 
-DEFAULT_PORT = 8642
-DEFAULT_MAX_FILE_SIZE = 64 * 1024**3  # 64 GiB: the 20 GB files the project is for, with room
-DEFAULT_IDLE_TIMEOUT = 60.0
 
 
 @dataclass
 class ServerConfig:
     root: Path
-    host: str = "127.0.0.1"
+    host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    max_envelope: int = 64 * 1024
+    max_envelope: int = DEFAULT_MAX_ENVELOPE
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    batch: int = 16
+    batch: int = DEFAULT_BATCH
     workers: int = 0
-    max_clients: int = 64
-    handshake_timeout: float = 10.0
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
 
 
 class KeyRing:
