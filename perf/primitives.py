@@ -7,7 +7,11 @@ AES-128-GCM: pycryptodome (a new cipher object per block, as the seed did), cryp
 fastcrc ``crc64.xz`` and anycrc if installed; zlib's CRC-32 as a reference point.
 Every implementation is checked against the others before it is timed.
 
-Usage: perf/primitives.py [--mib 256] [--json PATH]
+Then, on machines with 2+ cores, whether each hot-path call releases the GIL: the same work in
+two threads at once against one thread (64 KiB calls); a speedup near 2 means it does. This
+decides whether threads could share block crypto inside one process.
+
+Usage: perf/primitives.py [--mib 256] [--json PATH] [--no-threads]
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -198,10 +203,38 @@ def measure(make: Callable[[int], Work], size: int, total: int, pool: memoryview
     return time.perf_counter() - t0, calls
 
 
+GIL_KEYS = ("aes-encrypt_into", "aes-decrypt_into", "crc-fastcrc", "crc-crcmod")
+
+
+def thread_speedup(make: Callable[[int], Work], size: int, total: int, pool: memoryview) -> dict[str, float]:
+    """``total`` bytes in one thread, then ``total`` bytes in each of two threads at once."""
+    one, _ = measure(make, size, total, pool)
+    barrier = threading.Barrier(3)
+
+    def run() -> None:
+        work = make(size)  # each thread its own state and output buffer
+        views = [pool[o : o + size] for o in range(0, len(pool) - size + 1, size)]
+        work(views[0], 0)
+        barrier.wait()
+        for i in range(max(1, total // size)):
+            work(views[i % len(views)], i)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    two = time.perf_counter() - t0
+    return {"one_thread_s": one, "two_threads_s": two, "speedup": 2 * one / two}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=256, help="MiB through each implementation and call size")
     ap.add_argument("--json", type=Path, default=RESULTS / "primitives.json", help="where to write the results")
+    ap.add_argument("--no-threads", action="store_true", help="skip the GIL check (two threads against one)")
     args = ap.parse_args(argv)
     if args.mib < 1:
         ap.error("--mib must be >= 1")
@@ -235,12 +268,20 @@ def main(argv: list[str] | None = None) -> int:
         assert fast[0] is not None and fast[1] is not None
         both = 1 / (1 / fast[0] + 1 / fast[1])
         print(f"\n  one core, encrypt_into + fastcrc per 64 KiB block: at most {both:,.0f} MB/s before any I/O")
+    gil: dict[str, dict[str, float]] = {}
+    if not args.no_threads and len(os.sched_getaffinity(0)) >= 2:
+        print("\n  two threads at once against one, 64 KiB calls (2.0 = the call releases the GIL):")
+        for key, label, make in IMPLS:
+            if key in GIL_KEYS and status.get(key) is None:
+                gil[key] = thread_speedup(make, 64 * KiB, total, pool)
+                print(f"  {label:<50} {gil[key]['speedup']:>5.2f}x", flush=True)
     write_json(args.json, {
         "machine": info,
         "config": {"mib": args.mib, "call_sizes": list(SIZES), "pool_bytes": POOL, "mb": "10^6 bytes",
                    "threads": 1},
         "results": results,
         "skipped": skipped,
+        "two_threads": gil,
     })
     print(f"wrote {args.json}")
     return 0
