@@ -5,15 +5,19 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from engine import meta
+from engine.errors import RefuseCode
+from engine.users import user_hash
 
-from .helpers import M2Y, ServerProcess, make_file, run_send, start_server, target
+from .helpers import M2Y, RawClient, ServerProcess, make_file, run_send, start_server, target, wait_until
 
 
 def _check_received(root: Path, data: Path, meta_path: Path) -> None:
@@ -81,6 +85,30 @@ def test_eight_clients_at_once(root: Path, server: ServerProcess) -> None:
         assert p.returncode == 0, err
     for data, meta_path in files:
         _check_received(root, data, meta_path)
+
+
+def test_a_fast_sender_does_not_starve_other_connections(root: Path, server: ServerProcess) -> None:
+    """The server reads a busy sender's bytes without going through the loop each time; it must
+    still answer another connection while that file is streaming, not after it."""
+    size = 256 * 2**20
+    data, meta_path = make_file(root, size, name="big.bin")
+    part = target(root, meta.read_meta_file(meta_path), ".part")
+    big = subprocess.Popen([*M2Y, "send", str(meta_path), "--root", str(root), "--port", str(server.port)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: part.exists() and part.stat().st_size > 16 * 2**20, timeout=60, interval=0.002)
+        t0 = time.monotonic()
+        with RawClient(server.port) as c:
+            c.sendall(struct.pack(">QQQ", 0, user_hash("zhenqiang"), user_hash("roland-frei")))
+            code, _reason = c.read_refusal()
+        answered = time.monotonic() - t0
+        streamed = part.stat().st_size if part.exists() else size
+    finally:
+        _out, err = big.communicate(timeout=120)
+    assert code == RefuseCode.BAD_HEADER
+    assert streamed < size, f"the other connection was answered only after the file ({answered:.3f} s)"
+    assert big.returncode == 0, err
+    _check_received(root, data, meta_path)
 
 
 def test_console_scripts(root: Path) -> None:
