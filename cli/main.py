@@ -136,8 +136,8 @@ def cmd_meta(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     fields = meta.make(args.sender, args.recipient, args.folder, path.name, size, crc)
-    out = path.with_suffix(".meta") if path.suffix != ".meta" else path.with_name(path.name + ".meta")
-    out.write_bytes(meta.to_json(fields) + b"\n")
+    out = meta.meta_path_for(path)
+    meta.write_meta_file(out, fields)
     print(f"wrote {out}")
     return 0
 

@@ -94,8 +94,13 @@ class _Channel:
         self.loop = asyncio.get_running_loop()
 
     async def send(self, event: Event) -> None:
-        for chunk in self.conn.send(event):
-            await self.loop.sock_sendall(self.sock, chunk)
+        """Send an event; a server that stops reading for ``timeout`` seconds is given up on."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                for chunk in self.conn.send(event):
+                    await self.loop.sock_sendall(self.sock, chunk)
+        except TimeoutError:
+            raise ConfigError(f"server stopped reading for {self.timeout:g} s; giving up") from None
 
     async def next(self, timeout: float | None = None) -> Event:
         conn = self.conn
@@ -263,7 +268,13 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
             renamed = None
             if meta_path.is_file():
                 renamed = _final_name(meta_path, ".done" if ok else ".failed")
-                os.replace(meta_path, renamed)
+                try:
+                    os.replace(meta_path, renamed)
+                except OSError as exc:  # say so for this file and go on with the others
+                    did = "the server ACKed it" if ok else message
+                    why = exc.strerror or exc
+                    ok, message = False, f"{did}, but {meta_path.name} cannot become {renamed.name}: {why}"
+                    renamed = None
             results.append(Result(meta_path, ok, message, renamed, nbytes, seconds))
         return results
 

@@ -6,8 +6,10 @@ separators "," and ":", UTF-8, no escaping of non-ASCII (docs/protocol.md §4).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import os
 import re
 import secrets
 import unicodedata
@@ -171,6 +173,38 @@ def read_meta_file(path: Path) -> dict[str, Any]:
         return parse(data)
     except RemoteProtocolError as exc:
         raise ConfigError(f"{path}: malformed .meta: {exc.reason}") from None
+
+
+def meta_path_for(data_path: Path) -> Path:
+    """Where ``m2y meta`` writes a file's .meta: its sibling ``<stem>.meta``."""
+    if data_path.suffix == ".meta":
+        return data_path.with_name(data_path.name + ".meta")
+    return data_path.with_suffix(".meta")
+
+
+def write_meta_file(path: Path, fields: Mapping[str, Any]) -> None:
+    """Write a .meta atomically; never replace one that describes another file.
+
+    ``a.txt`` and ``a.bin`` share the name ``a.meta``: the second would silently take over the
+    first's .meta and the first would never be sent. Rewriting the .meta of the same file is fine.
+    """
+    if path.exists() or path.is_symlink():
+        try:
+            old = json.loads(path.read_bytes())
+            named = old.get("filename") if isinstance(old, dict) else None
+        except (OSError, ValueError):
+            named = None
+        if named != fields["filename"]:
+            what = f"the .meta of {named!r}" if isinstance(named, str) else "not a .meta this command wrote"
+            raise ConfigError(f"{path} already exists and is {what}; move it away first")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(to_json(fields) + b"\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def add_reply_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], bytes, bytes]:

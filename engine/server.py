@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -237,6 +238,8 @@ class _Session:
         self.timeout_reason = ""
         self.failure: M2YError | None = None
         self._immediate = 0  # reads since this session last yielded to the event loop
+        self.acked = False
+        self.busy_here = False  # the server itself is working (begin): no client clock runs
         # A deadline no trickle of bytes can push back: the handshake, then the first authenticated
         # batch must arrive in time, so a stranger cannot hold a name, a slot or disk reservation.
         self.deadline: tuple[float, str] | None = (
@@ -265,14 +268,15 @@ class _Session:
                 outcome = f"REFUSED TIMEOUT: {self.timeout_reason}"
                 await self._refuse(RefuseCode.TIMEOUT, self.timeout_reason)
             else:
-                outcome = "CANCELLED (server stopping)"
+                outcome = "ACK (server stopping)" if self.acked else "CANCELLED (server stopping)"
                 raise
         except M2YError as exc:
             outcome = f"REFUSED INTERNAL: {exc.reason}"
             await self._refuse(RefuseCode.INTERNAL, exc.reason)
         except OSError as exc:
             outcome = f"FAILED: {exc.strerror or exc}"
-            await self._refuse(RefuseCode.INTERNAL, f"server I/O error: {exc.strerror or exc}")
+            code = RefuseCode.NO_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else RefuseCode.INTERNAL
+            await self._refuse(code, f"server I/O error: {exc.strerror or exc}")
         except Exception as exc:  # the server survives any client; log the bug
             log.exception("internal error")
             outcome = f"FAILED: internal error {type(exc).__name__}"
@@ -291,6 +295,9 @@ class _Session:
         idle = now - self.last_rx
         if self.deadline is not None and self.ring is not None and self.ring.verified:
             self.deadline = None  # the sender has proved it holds the filekey
+        if self.busy_here:
+            self._watchdog = self.loop.call_later(max(self._idle(), 0.05), self._check_idle)
+            return
         if idle >= self._idle():
             self.timeout_reason = f"idle for {self._idle():g} s"
         elif self.deadline is not None and now >= self.deadline[0]:
@@ -361,7 +368,13 @@ class _Session:
             raise RemoteProtocolError("metadata from/to do not match the header's user hashes",
                                       RefuseCode.BAD_METADATA)
         self.label = f"{sender} -> {recipient} {fields['folder']}/{sender}_{fields['datetime']}.data"
-        incoming = await self._off_loop(self.server.storage.begin, meta.stored(fields))
+        self.deadline = None  # the handshake is in; what follows is the server's own work
+        self.busy_here = True
+        try:
+            incoming = await self._off_loop(self.server.storage.begin, meta.stored(fields))
+        finally:
+            self.busy_here = False
+            self.last_rx = self.loop.time()
         self.incoming = incoming
         reply, filekey, salt = meta.add_reply_fields(fields)
         sealed = envelope.seal(public_key, meta.to_json(reply),
@@ -400,6 +413,7 @@ class _Session:
                 incoming.finish()
                 with contextlib.suppress(OSError):
                     self.sock.send(b"".join(conn.send(AckEvent(cipher.seal_ack(filesize, actual)))))
+                    self.acked = True
             raise
         incoming.finish()  # on the loop: releases the name and the disk reservation
         await self.loop.sock_sendall(self.sock, b"".join(conn.send(AckEvent(cipher.seal_ack(filesize, actual)))))

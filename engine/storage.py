@@ -199,7 +199,13 @@ class Incoming:
                 self.meta_ours = False  # the .meta now describes the .data that is there
                 raise RemoteProtocolError(f"{self.data_path.name} already exists", RefuseCode.EXISTS) from None
             self.linked = True
-            os.fsync(self.dir_fd)
+            try:
+                os.fsync(self.dir_fd)
+            except OSError as exc:  # the name may not be durable: no ACK, so no .data either
+                self._unlink_data()
+                raise LocalProtocolError(
+                    f"cannot make {self.data_path.name} durable: {exc.strerror or exc}", RefuseCode.INTERNAL
+                ) from None
             try:
                 os.unlink(self.part_path.name, dir_fd=self.dir_fd)
                 self.part_ours = False
@@ -208,6 +214,17 @@ class Incoming:
             os.fsync(self.dir_fd)
             self.done = True
             self._close_dir()
+
+    def _unlink_data(self) -> None:
+        """Undo the link when the commit cannot complete, so that a retry is not refused EXISTS."""
+        try:
+            os.unlink(self.data_path.name, dir_fd=self.dir_fd)
+        except OSError as exc:
+            log.warning("%s: cannot undo after a failed commit: %s", self.data_path, exc.strerror or exc)
+            return
+        self.linked = False  # abort() now removes the .meta and .part as for any failed transfer
+        with contextlib.suppress(OSError):
+            os.fsync(self.dir_fd)
 
     def finish(self) -> None:
         """Release the reservation after ``commit()`` returned; call it on the event loop.
@@ -253,7 +270,18 @@ class Incoming:
             self._remove_created()
 
     def _remove_created(self) -> None:
-        """rmdir the folders this transfer made, deepest first, while they are empty; never follows links."""
+        """rmdir the folders this transfer made, deepest first, while they are empty; never follows links.
+
+        Skipped (the empty folders stay) while another transfer's begin() runs: it may be inside them.
+        """
+        if not self.store._begins.acquire(blocking=False):
+            return
+        try:
+            self._rmdir_created()
+        finally:
+            self.store._begins.release()
+
+    def _rmdir_created(self) -> None:
         while self.created:
             *parents, name = self.created[-1].split("/")
             try:
@@ -285,7 +313,9 @@ class Storage:
         self.max_file_size = max_file_size
         self._active: dict[str, Incoming] = {}
         self._table = threading.Lock()  # begin() may run in executor threads, several at once
-        self._begins = threading.Lock()  # ... one at a time: a loser must not rmdir a folder a winner uses
+        # ... one at a time: a loser must not rmdir a folder a winner uses (re-entrant: a failing
+        # begin cleans up under it; an abort elsewhere leaves new folders if a begin is running)
+        self._begins = threading.RLock()
 
     def reserved(self) -> int:
         return sum(max(t.filesize - t.written, 0) for t in list(self._active.values()))
@@ -338,16 +368,18 @@ class Storage:
 
     def _check_and_open(self, incoming: Incoming, folder: str, meta_bytes: bytes) -> None:
         dir_fd, stem = incoming.dir_fd, incoming.data_path.name.removesuffix(".data")
-        try:
-            os.lstat(incoming.data_path.name, dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
-        else:
-            raise RemoteProtocolError(
-                f"{folder}/{stem}.data was already received; a finished file is never overwritten",
-                RefuseCode.EXISTS,
-            )
         with self._table:  # check and claim the name and the space in one step
+            # Under the lock: a transfer of this name leaves the table only after its link, so it
+            # is either seen here (.data) or still active (BUSY below), never neither.
+            try:
+                os.lstat(incoming.data_path.name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            else:
+                raise RemoteProtocolError(
+                    f"{folder}/{stem}.data was already received; a finished file is never overwritten",
+                    RefuseCode.EXISTS,
+                )
             if incoming.key in self._active:
                 raise RemoteProtocolError(f"{folder}/{stem} is being received right now", RefuseCode.BUSY)
             free = psutil.disk_usage(str(incoming.data_path.parent)).free - self.reserved()

@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import threading
 from pathlib import Path
 
-from engine import meta
+from engine import envelope, meta
+from engine.keys import load_private, load_public
+from engine.protocol import NEED_DATA, Connection, Event, Role
+from engine.users import private_key_path, public_key_path
 
 from .helpers import ServerProcess, make_file, run_send, target
 
@@ -104,3 +108,62 @@ def test_missing_meta_file(root: Path, server: ServerProcess) -> None:
     result = run_send(root, server.port, root / "nothing.meta")
     assert result.returncode != 0
     assert "no such .meta file" in result.stderr
+
+
+def _stalling_server(root: Path, listener: socket.socket, stop: threading.Event) -> None:
+    """Does a real handshake as roland-frei, sends the REPLY, then never reads again."""
+    from engine.protocol import Envelope, Header, Reply
+
+    conn_sock, _ = listener.accept()
+    with conn_sock:
+        conn = Connection(Role.SERVER)
+        events: list[Event] = []
+        while len(events) < 2:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                conn.buffer_updated(conn_sock.recv_into(conn.get_buffer()))
+            else:
+                assert isinstance(event, Event)
+                events.append(event)
+        header, env = events
+        assert isinstance(header, Header) and isinstance(env, Envelope)
+        aad = envelope.aad(envelope.REQUEST, header.from_hash, header.to_hash)
+        fields = meta.parse(envelope.open_(load_private(private_key_path(root, "roland-frei")), env.data, aad),
+                            extra=(meta.NONCE_FIELD,))
+        reply, _key, _salt = meta.add_reply_fields(fields)
+        sealed = envelope.seal(load_public(public_key_path(root, "roland-frei", "zhenqiang")), meta.to_json(reply),
+                               envelope.aad(envelope.REPLY, header.from_hash, header.to_hash))
+        conn_sock.sendall(b"".join(conn.send(Reply(sealed))))
+        stop.wait(60)  # reads nothing more: the client's sends fill the socket buffers and block
+
+
+def test_server_that_stops_reading(root: Path) -> None:
+    _, meta_path = make_file(root, 64 * 2**20)  # more than loopback's socket buffers hold
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    fake = threading.Thread(target=_stalling_server, args=(root, listener, stop), daemon=True)
+    fake.start()
+    try:
+        result = run_send(root, listener.getsockname()[1], meta_path, extra=("--timeout", "2"), timeout=60)
+    finally:
+        stop.set()
+        fake.join(10)
+        listener.close()
+    _one_line_failure(result, meta_path, "server stopped reading for 2 s")
+
+
+def test_a_meta_that_cannot_be_renamed_is_reported_and_the_rest_still_sent(root: Path, server: ServerProcess
+                                                                           ) -> None:
+    data_a, meta_a = make_file(root, 1000, name="a.bin")
+    data_b, meta_b = make_file(root, 2000, name="b.bin")
+    blocker = meta_a.with_suffix(".done")
+    blocker.mkdir()
+    (blocker / "keep").write_text("a folder where a.done would go")
+    result = run_send(root, server.port, meta_a, meta_b)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a.meta" in lines[0] and "ACKed" in lines[0] and "cannot become a.done" in lines[0]
+    assert meta_a.exists()  # left as it was, beside the blocker
+    assert meta_b.with_suffix(".done").exists() and "b.meta: ACK" in result.stdout
+    for data, m in ((data_a, meta_a), (data_b, meta_b.with_suffix(".done"))):
+        assert target(root, meta.read_meta_file(m)).read_bytes() == data.read_bytes()

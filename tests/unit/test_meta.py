@@ -493,3 +493,28 @@ def test_deeply_nested_json_is_bad_metadata_not_a_crash() -> None:
     refused(data, RefuseCode.BAD_METADATA)
     with pytest.raises(RemoteProtocolError):
         meta.check_reply({}, data)
+
+
+def test_write_meta_file_never_takes_over_another_files_meta(tmp_path: Path) -> None:
+    first = meta.make("zhenqiang", "roland-frei", "photo", "a.txt", 1, 0)
+    second = meta.make("zhenqiang", "roland-frei", "photo", "a.bin", 2, 0)
+    out = meta.meta_path_for(tmp_path / "a.txt")
+    assert out == meta.meta_path_for(tmp_path / "a.bin") == tmp_path / "a.meta"
+    meta.write_meta_file(out, first)
+    with pytest.raises(ConfigError, match=r"already exists and is the \.meta of 'a\.txt'"):
+        meta.write_meta_file(out, second)
+    assert meta.read_meta_file(out) == first
+    again = dict(first, filesize=5)
+    meta.write_meta_file(out, meta.with_crc(again))  # the same file's .meta may be rewritten
+    assert meta.read_meta_file(out)["filesize"] == 5
+    junk = tmp_path / "b.meta"
+    junk.write_text("not json")
+    with pytest.raises(ConfigError, match=r"not a \.meta this command wrote"):
+        meta.write_meta_file(junk, meta.make("zhenqiang", "roland-frei", "photo", "b.bin", 1, 0))
+    assert junk.read_text() == "not json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.meta", "b.meta"]  # no temporary left
+
+
+def test_write_meta_file_error_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot write .*missing"):
+        meta.write_meta_file(tmp_path / "missing" / "a.meta", meta.make("zhenqiang", "roland-frei", "p", "a", 1, 0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 from collections import namedtuple
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
-from engine.errors import RefuseCode, RemoteProtocolError
+from engine.errors import ProtocolError, RefuseCode, RemoteProtocolError
 from engine.storage import Storage
 
 DATETIME = "09-03-2024_14-05-07"
@@ -398,48 +399,132 @@ def test_commit_link_exists_keeps_existing_data_and_its_meta(root: Path) -> None
     assert store.reserved() == 0
 
 
-@pytest.mark.parametrize("failing", ["dir fsync", "unlink part"])
-def test_failure_after_link_keeps_data_and_meta(root: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
-    store = Storage(root, max_file_size=MiB)
-    incoming = store.begin(fields(4))
-    incoming.write(b"kept")
-    linked = False
+def _fail_after_link(monkeypatch: pytest.MonkeyPatch, failing: str) -> list[bool]:
+    """Make the named step after the commit's link fail with EIO; returns a flag set once linked."""
+    linked = [False]
     real_link, real_fsync, real_unlink = os.link, os.fsync, os.unlink
 
     def link(*args: Any, **kwargs: Any) -> None:
-        nonlocal linked
         real_link(*args, **kwargs)
-        linked = True
+        linked[0] = True
 
     def fsync(fd: int) -> None:
-        if linked and failing == "dir fsync":
+        if linked[0] and failing == "dir fsync":
             raise OSError(5, "Input/output error")
         real_fsync(fd)
 
     def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
-        if linked and failing == "unlink part":
+        if linked[0] and failing == "unlink part" and str(path).endswith(".part"):
             raise OSError(5, "Input/output error")
         real_unlink(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "unlink", unlink)
-    try:
-        incoming.commit()
-    except OSError:
-        pass
-    finally:
-        monkeypatch.undo()
-    assert linked
-    if not incoming.done:
-        incoming.abort()  # what the server does after a failed commit
+    return linked
+
+
+def test_unlink_part_failing_after_link_still_commits(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The .data name is durable once the folder is fsynced; a .part that will not go is only logged."""
+    store = Storage(root, max_file_size=MiB)
+    incoming = store.begin(fields(4))
+    incoming.write(b"kept")
+    linked = _fail_after_link(monkeypatch, "unlink part")
+    incoming.commit()
+    monkeypatch.undo()
+    assert linked[0] and incoming.done
+    incoming.finish()
     stem = target(root)
     assert with_suffix(stem, ".data").read_bytes() == b"kept"
     assert json.loads(with_suffix(stem, ".meta").read_text(encoding="utf-8")) == fields(4)
-    incoming.abort()
+    incoming.abort()  # a later abort never touches a committed file
     assert with_suffix(stem, ".data").read_bytes() == b"kept"
-    assert with_suffix(stem, ".meta").exists()
     assert store.reserved() == 0
+
+
+def test_folder_fsync_failing_after_link_undoes_the_link(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ACK without a durable name: the commit fails, the .data is unlinked, and a retry is accepted
+    (keeping the .data would refuse every retry as EXISTS although the sender never got its ACK)."""
+    store = Storage(root, max_file_size=MiB)
+    incoming = store.begin(fields(4))
+    incoming.write(b"lost")
+    linked = _fail_after_link(monkeypatch, "dir fsync")
+    with pytest.raises(ProtocolError) as exc:
+        incoming.commit()
+    monkeypatch.undo()
+    assert linked[0] and exc.value.code is RefuseCode.INTERNAL and "durable" in exc.value.reason
+    incoming.abort()  # what the server does after a failed commit
+    stem = target(root)
+    for suffix in (".data", ".meta", ".part"):
+        assert not with_suffix(stem, suffix).exists(), suffix
+    assert store.reserved() == 0
+    retry = store.begin(fields(4))
+    retry.write(b"good")
+    retry.commit()
+    retry.finish()
+    assert with_suffix(stem, ".data").read_bytes() == b"good"
+
+
+def test_a_name_committed_between_check_and_claim_is_refused(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transfer A commits and leaves the table while B's begin checks for its .data: B must be refused
+    (BUSY or EXISTS), never write its .meta over A's or remove it when it fails."""
+    store = Storage(root, max_file_size=MiB)
+    a = store.begin(fields(4, sender="zhenqiang"))
+    a.write(b"aaaa")
+    stem = target(root)
+    a_meta = with_suffix(stem, ".meta").read_bytes()
+    real_lstat = os.lstat
+    done = threading.Event()
+
+    def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        try:
+            return real_lstat(path, *args, **kwargs)
+        finally:
+            if str(path).endswith(".data") and not done.is_set():
+                def finish_a() -> None:
+                    try:
+                        a.commit()
+                        a.finish()  # needs the table: with the check under it, this waits for B
+                    finally:
+                        done.set()
+                threading.Thread(target=finish_a, daemon=True).start()
+                done.wait(1.0)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    b_fields = dict(fields(4, sender="zhenqiang"), filename="other.bin")
+    with pytest.raises(RemoteProtocolError) as exc:
+        b = store.begin(b_fields)
+        b.abort()
+    monkeypatch.undo()
+    assert done.wait(10)
+    assert exc.value.code in (RefuseCode.BUSY, RefuseCode.EXISTS), exc.value.reason
+    assert with_suffix(stem, ".meta").read_bytes() == a_meta
+    assert with_suffix(stem, ".data").read_bytes() == b"aaaa"
+    assert store.reserved() == 0
+
+
+def test_abort_leaves_new_folders_while_another_begin_runs(root: Path) -> None:
+    """An abort on the loop must not rmdir a folder a begin in a thread has walked into."""
+    store = Storage(root, max_file_size=MiB)
+    a = store.begin(fields(4, folder="new/deep"))
+    other_begin_running = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with store._begins:
+            other_begin_running.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert other_begin_running.wait(10)
+    a.abort()
+    assert (root / "roland-frei" / "new" / "deep").is_dir()
+    release.set()
+    t.join(10)
+    b = store.begin(fields(4, folder="new/deep"))
+    b.abort()  # nobody else begins now: its (inherited) folders are left as found, the part and meta go
+    assert not with_suffix(target(root, "new/deep"), ".part").exists()
 
 
 def test_commit_leaves_the_table_to_finish(root: Path) -> None:

@@ -1,0 +1,106 @@
+"""Faults on the server's side (a slow or full disk), injected into a server running in this process.
+
+The server is the real ``engine.server.Server`` on its own event loop in a thread, on 127.0.0.1 and a
+free port; the clients are real ``m2y send`` processes or the hand-speaking ``RawClient``. Only the
+fault (``os.fsync`` or ``os.writev``) is replaced, for the time of one test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import meta
+from engine.crc import crc64
+from engine.errors import RefuseCode
+from engine.protocol import FileCRC
+from engine.server import Server, ServerConfig
+
+from .helpers import handshake, make_file, payload_fields, run_send, sealed_frames, target, wait_until
+
+
+class InProcessServer:
+    def __init__(self, root: Path, **config: Any) -> None:
+        self.server = Server(ServerConfig(root=root, host="127.0.0.1", port=0, **config))
+        self.server.listen()
+        self.port = self.server.port
+        self.loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        ready = threading.Event()
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            ready.set()
+            await self.server.serve_forever(self._stop)
+
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(main(),), daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def stop(self) -> None:
+        assert self._stop is not None
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(20)
+        assert not self.thread.is_alive()
+        self.loop.close()
+
+
+@pytest.fixture
+def inproc(root: Path) -> Iterator[InProcessServer]:
+    srv = InProcessServer(root, handshake_timeout=1.0, idle_timeout=1.0)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_a_slow_disk_is_not_blamed_on_the_client(root: Path, inproc: InProcessServer,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """begin() fsyncs the .meta and its folder; on a disk that takes 0.6 s per fsync that is longer
+    than the 1 s handshake deadline and the 1 s idle timeout, which measure the client, not the disk."""
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.6)
+        real_fsync(fd)
+
+    data, meta_path = make_file(root, 100_000)
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    result = run_send(root, inproc.port, meta_path, timeout=60)
+    monkeypatch.undo()
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "ACK" in result.stdout
+    done = meta_path.with_suffix(".done")
+    assert target(root, meta.read_meta_file(done)).read_bytes() == data.read_bytes()
+
+
+def test_disk_full_mid_file_is_refused_as_no_space(root: Path, inproc: InProcessServer,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    payload, fields = payload_fields(3 * 2**20 + 5)  # four batches: the second one meets a full disk
+    real_writev = os.writev
+    calls = [0]
+
+    def full_writev(fd: int, buffers: Any) -> int:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", full_writev)
+    hs = handshake(root, inproc.port, dict(fields))
+    with hs.client as c:
+        hs.send_frames(sealed_frames(hs.cipher, payload))
+        c.send_event(FileCRC(hs.cipher.seal_crc(crc64(payload))))
+        code, reason = c.read_refusal()
+    monkeypatch.undo()
+    assert code == RefuseCode.NO_SPACE and "No space left" in reason
+    assert wait_until(lambda: not any(target(root, fields, s).exists() for s in (".part", ".meta", ".data")))
+    assert wait_until(lambda: inproc.server.storage.reserved() == 0)
