@@ -15,6 +15,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .crc import BytesLike
+from .crc import crc64_fast as _crc64
 from .errors import RefuseCode, RemoteProtocolError
 
 BLOCK_SIZE = 64 * 1024
@@ -74,6 +75,33 @@ class BlockCipher:
             raise RemoteProtocolError(
                 f"block {index} failed authentication (tampered or wrong key)", RefuseCode.BAD_BLOCK
             ) from None
+
+    def seal_blocks(self, views: list[tuple[memoryview, memoryview]], first: int, crc: int = 0) -> int:
+        """Seal blocks first, first+1, ... in place: each (plaintext, frame) pair shares its start, the
+        tag lands after the ciphertext. Returns the CRC-64 of the plaintexts, continued from ``crc``
+        and taken just before each block is sealed (still in cache). One loop with local names: this
+        is the engine's innermost loop, and per-block method calls cost ~10% of a batch."""
+        seal, salt, index = self._aead.encrypt_into, self._salt, first
+        for plain, frame in views:
+            crc = _crc64(plain, crc)
+            seal(salt + index.to_bytes(8, "big"), plain, None, frame)
+            index += 1
+        return crc
+
+    def open_blocks(self, views: list[tuple[memoryview, memoryview]], first: int, crc: int = 0) -> int:
+        """Open blocks first, first+1, ... in place (the reverse of ``seal_blocks``); a bad tag is the
+        peer's fault and names the block. Returns the CRC-64 of the plaintexts, continued from ``crc``."""
+        open_, salt, index = self._aead.decrypt_into, self._salt, first
+        try:
+            for plain, frame in views:
+                open_(salt + index.to_bytes(8, "big"), frame, None, plain)
+                crc = _crc64(plain, crc)
+                index += 1
+        except InvalidTag:
+            raise RemoteProtocolError(
+                f"block {index} failed authentication (tampered or wrong key)", RefuseCode.BAD_BLOCK
+            ) from None
+        return crc
 
     def seal_crc(self, crc: int) -> bytes:
         return self._aead.encrypt(self.nonce(CRC_INDEX), crc.to_bytes(8, "big"), _CRC_AAD)

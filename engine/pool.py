@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .blocks import BLOCK_SIZE, TAG_LEN, BlockCipher
-from .crc import crc64
 from .defaults import default_workers
 from .errors import M2YError, RefuseCode, RemoteProtocolError
 
@@ -73,8 +72,16 @@ def advance(views: list[memoryview], n: int) -> list[memoryview]:
     return rest
 
 
+def block_views(frames: memoryview, plain_len: int) -> list[tuple[memoryview, memoryview]]:
+    """(plaintext, frame) of each block of a batch laid out in ``frames``, as the seal/open loop takes them."""
+    return [(frames[off : off + min(BLOCK_SIZE, plain_len - pos)],
+             frames[off : off + min(BLOCK_SIZE, plain_len - pos) + TAG_LEN])
+            for pos, off in zip(range(0, plain_len, BLOCK_SIZE), range(0, len(frames), FRAME), strict=False)]
+
+
 def process_batch(
-    cipher: BlockCipher, op: int, frames: memoryview, first: int, plain_len: int, crc: int = 0
+    cipher: BlockCipher, op: int, frames: memoryview, first: int, plain_len: int, crc: int = 0,
+    views: list[tuple[memoryview, memoryview]] | None = None,
 ) -> int:
     """Seal or open one batch in place; return the CRC-64 of its plaintext.
 
@@ -82,19 +89,13 @@ def process_batch(
     appends the tag, and opening does the reverse: no second buffer and no copy (OpenSSL's
     GCM works in place when input and output start at the same address). The CRC is taken
     on each block while it is in cache: before sealing, after opening; it continues from ``crc``.
+    ``views`` are ``block_views(frames, plain_len)`` if the caller keeps them (a slot's full batch).
     """
-    index = first
-    for p in plain_views(frames, plain_len):
-        size = len(p)
-        off = (index - first) * FRAME
-        if op == ENCRYPT:
-            crc = crc64(p, crc)
-            cipher.encrypt_into(index, p, frames[off : off + size + TAG_LEN])
-        else:
-            cipher.decrypt_into(index, frames[off : off + size + TAG_LEN], p)
-            crc = crc64(p, crc)
-        index += 1
-    return crc
+    if views is None:
+        views = block_views(frames, plain_len)
+    if op == ENCRYPT:
+        return cipher.seal_blocks(views, first, crc)
+    return cipher.open_blocks(views, first, crc)
 
 
 class Ring(Protocol):
@@ -116,11 +117,17 @@ class _SlotMemory:
     def __init__(self, buf: memoryview, batch: int, depth: int) -> None:
         step = slot_size(batch)
         self._frames = [buf[i * step : (i + 1) * step] for i in range(depth)]
+        self._full = batch * BLOCK_SIZE
+        self._views = [block_views(f, self._full) for f in self._frames]  # every batch but a file's last
 
     def frames(self, slot: int) -> memoryview:
         return self._frames[slot]
 
+    def views(self, slot: int, plain_len: int) -> list[tuple[memoryview, memoryview]]:
+        return self._views[slot] if plain_len == self._full else block_views(self._frames[slot], plain_len)
+
     def release(self) -> None:
+        self._views.clear()
         for view in self._frames:
             with contextlib.suppress(BufferError):
                 view.release()
@@ -160,7 +167,8 @@ class InlineRing:
 
     def submit(self, slot: int, op: int, first: int, plain_len: int) -> None:
         """Process at once: a bad block raises here, before anything else is received."""
-        self._crc = process_batch(self._cipher, op, self.frames(slot), first, plain_len, self._crc)
+        self._crc = process_batch(self._cipher, op, self.frames(slot), first, plain_len, self._crc,
+                                  self._mem.views(slot, plain_len))
         self._done.append((slot, self._crc, plain_len))
         self.verified += 1
 
@@ -206,8 +214,8 @@ def _worker_main(pipe: Pipe) -> None:
             cipher = ciphers.get(keysalt)
             if cipher is None:
                 cipher = ciphers[keysalt] = BlockCipher(keysalt[:16], keysalt[16:])
-            reply: tuple[int, int, str | None, int] = (seq, process_batch(cipher, op, mem.frames(slot), first,
-                                                                           plain_len), None, 0)
+            crc = process_batch(cipher, op, mem.frames(slot), first, plain_len, 0, mem.views(slot, plain_len))
+            reply: tuple[int, int, str | None, int] = (seq, crc, None, 0)
         except RemoteProtocolError as exc:
             reply = (seq, 0, exc.reason, int(exc.code))
         except Exception as exc:  # report, never die with a batch held
@@ -402,6 +410,15 @@ def make_ring(pool: WorkerPool | None, cipher_key: bytes, salt: bytes, batch: in
 
 
 __all__: list[str] = [
-    "DECRYPT", "ENCRYPT", "InlineRing", "PoolRing", "Ring", "WorkerDied", "WorkerPool", "default_workers",
-    "make_ring", "process_batch",
+    "DECRYPT",
+    "ENCRYPT",
+    "InlineRing",
+    "PoolRing",
+    "Ring",
+    "WorkerDied",
+    "WorkerPool",
+    "block_views",
+    "default_workers",
+    "make_ring",
+    "process_batch",
 ]

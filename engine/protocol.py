@@ -24,13 +24,12 @@ from dataclasses import dataclass
 
 from .blocks import ACK_BODY_LEN, CRC_FRAME_LEN, TAG_LEN, batch_plain_size, block_count, plain_size
 from .crc import BytesLike
-from .defaults import DEFAULT_BATCH  # frames per received region: 1 MiB + 256 bytes
+from .defaults import DEFAULT_BATCH, DEFAULT_MAX_ENVELOPE  # batch: frames per received region
 from .errors import LocalProtocolError, RefuseCode, RemoteProtocolError
 
 HEADER = struct.Struct(">QQQ")  # envelope length, from hash, to hash
 SERVER_PREFIX = struct.Struct(">QQ")  # kind, body length
 REFUSE_CODE = struct.Struct(">Q")
-DEFAULT_MAX_ENVELOPE = 64 * 1024
 MAX_REASON = 1024
 
 

@@ -267,3 +267,52 @@ def test_crc_and_ack_are_not_interchangeable() -> None:
         cipher.open_ack(cipher.seal_crc(5) + bytes(8))
     with pytest.raises(RemoteProtocolError):
         cipher.open_crc(cipher.seal_ack(5, 6)[:24])
+
+
+# -- the batch loop (seal_blocks / open_blocks) --------------------------------------------------
+
+
+def _batch_region(plain: bytes) -> tuple[memoryview, list[tuple[memoryview, memoryview]]]:
+    from engine.pool import block_views
+
+    count = block_count(len(plain))
+    region = memoryview(bytearray(len(plain) + 16 * count + 7))  # room to spare: views must stop at each frame
+    views = block_views(region, len(plain))
+    for i, (p, _frame) in enumerate(views):
+        p[:] = plain[i * BLOCK_SIZE : i * BLOCK_SIZE + len(p)]
+    return region, views
+
+
+@pytest.mark.parametrize("size", [1, BLOCK_SIZE, 3 * BLOCK_SIZE - 5])
+def test_seal_blocks_equals_aesgcm_per_block_and_crc_of_plaintext(size: int) -> None:
+    from engine.crc import reference_crc64
+
+    plain = make_plain(size)
+    region, views = _batch_region(plain)
+    crc = BlockCipher(KEY, SALT).seal_blocks(views, 7)
+    assert crc == reference_crc64(plain)
+    aead = AESGCM(KEY)
+    for i, (_p, frame) in enumerate(views):
+        chunk = plain[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
+        assert bytes(frame) == aead.encrypt(SALT + struct.pack(">Q", 7 + i), chunk, None)
+    assert bytes(region[-7:]) == bytes(7)
+    assert BlockCipher(KEY, SALT).open_blocks(views, 7, 0) == crc
+    assert b"".join(bytes(p) for p, _f in views) == plain
+
+
+def test_open_blocks_names_the_tampered_block_and_continues_a_crc() -> None:
+    from engine.crc import reference_crc64
+
+    plain = make_plain(3 * BLOCK_SIZE)
+    _region, views = _batch_region(plain)
+    cipher = BlockCipher(KEY, SALT)
+    before = reference_crc64(b"earlier bytes")
+    cipher.seal_blocks(views, 100)
+    sealed = [bytes(f) for _p, f in views]
+    assert cipher.open_blocks(views, 100, before) == reference_crc64(b"earlier bytes" + plain)
+    for (_p, frame), original in zip(views, sealed, strict=True):
+        frame[:] = original
+    views[1][1][5] ^= 0x01
+    with pytest.raises(RemoteProtocolError) as exc:
+        cipher.open_blocks(views, 100)
+    assert exc.value.code is RefuseCode.BAD_BLOCK and "block 101" in exc.value.reason
