@@ -74,6 +74,8 @@ test: lint
 perf: install
 	$(BIN)/python perf/primitives.py
 	$(BIN)/python perf/transfer.py --size $(SIZE)
+	$(BIN)/python perf/datapath.py --size $(SIZE)
+	$(BIN)/python perf/startup.py
 	$(BIN)/python perf/scaling.py
 
 # CI's perf regression gate: m2y/raw (both timed connect -> done) over 256 MiB, median of 3
