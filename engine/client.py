@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import os
 import socket
+import struct
+import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,13 +97,53 @@ class _Channel:
         self.loop = asyncio.get_running_loop()
 
     async def send(self, event: Event) -> None:
-        """Send an event; a server that stops reading for ``timeout`` seconds is given up on."""
+        """Send an event; a server that takes no byte for ``timeout`` seconds is given up on.
+
+        The clock measures progress, not the event: a 1 MiB batch to a slow but reading server
+        never times out, a server that stops reading does.
+        """
+        for chunk in self.conn.send(event):
+            view = memoryview(chunk).cast("B")
+            while view:
+                try:
+                    n = self.sock.send(view)
+                except BlockingIOError:
+                    n = 0
+                if n:
+                    view = view[n:]
+                else:
+                    await self._writable()
+
+    async def _writable(self) -> None:
+        """Wait for room in the socket's send buffer; give up after ``timeout`` s without progress.
+
+        Progress is the kernel's send queue shrinking (the server reading and acknowledging), not
+        writability: epoll reports a full TCP socket writable only once half its queue has gone,
+        which on a slow link takes longer than the server needs to show it is alive.
+        """
+        ready: asyncio.Future[None] = self.loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self.loop.add_writer(self.sock, wake)
         try:
-            async with asyncio.timeout(self.timeout):
-                for chunk in self.conn.send(event):
-                    await self.loop.sock_sendall(self.sock, chunk)
-        except TimeoutError:
-            raise ConfigError(f"server stopped reading for {self.timeout:g} s; giving up") from None
+            queued, still = _unsent(self.sock), 0.0
+            step = min(self.timeout, 0.1)
+            while not ready.done():
+                await asyncio.wait({ready}, timeout=step)
+                now = _unsent(self.sock)
+                if now is not None and queued is not None and now < queued:
+                    queued, still = now, 0.0
+                else:
+                    still += step
+                if not ready.done() and still >= self.timeout:
+                    raise ConfigError(f"server took no data for {self.timeout:g} s; giving up")
+        finally:
+            self.loop.remove_writer(self.sock)
+            if not ready.done():
+                ready.cancel()
 
     async def next(self, timeout: float | None = None) -> Event:
         conn = self.conn
@@ -116,6 +159,15 @@ class _Channel:
             except TimeoutError:
                 raise ConfigError(f"server sent nothing for {timeout or self.timeout:g} s; giving up") from None
             conn.buffer_updated(n)
+
+
+def _unsent(sock: socket.socket) -> int | None:
+    """Bytes in the socket's send queue not yet acknowledged by the peer (Linux SIOCOUTQ), or None."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return None
+    return int(struct.unpack("i", raw)[0])
 
 
 async def _connect(host: str, port: int, timeout: float) -> socket.socket:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import tempfile
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -187,24 +188,37 @@ def write_meta_file(path: Path, fields: Mapping[str, Any]) -> None:
 
     ``a.txt`` and ``a.bin`` share the name ``a.meta``: the second would silently take over the
     first's .meta and the first would never be sent. Rewriting the .meta of the same file is fine.
+    A new .meta is hard-linked into place, which fails if one appeared meanwhile.
     """
-    if path.exists() or path.is_symlink():
-        try:
-            old = json.loads(path.read_bytes())
-            named = old.get("filename") if isinstance(old, dict) else None
-        except (OSError, ValueError):
-            named = None
-        if named != fields["filename"]:
-            what = f"the .meta of {named!r}" if isinstance(named, str) else "not a .meta this command wrote"
-            raise ConfigError(f"{path} already exists and is {what}; move it away first")
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_bytes(to_json(fields) + b"\n")
-        os.replace(tmp, path)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(to_json(fields) + b"\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            _check_same_file(path, fields["filename"])
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _check_same_file(path: Path, filename: str) -> None:
+    try:
+        old = json.loads(path.read_bytes())
+        named = old.get("filename") if isinstance(old, dict) else None
+    except (OSError, ValueError):
+        named = None
+    if named != filename:
+        what = f"the .meta of {named!r}" if isinstance(named, str) else "not a .meta this command wrote"
+        raise ConfigError(f"{path} already exists and is {what}; move it away first")
 
 
 def add_reply_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], bytes, bytes]:

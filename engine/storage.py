@@ -134,9 +134,9 @@ def _walk(home_fd: int, parts: list[str], created: list[str]) -> int:
 class Incoming:
     """One file being received; ``write`` plaintext in order, then ``commit`` or ``abort``.
 
-    Threads: ``begin``, ``write``, ``abort``, ``finish`` and ``Storage.release`` run on the event
-    loop; only ``commit`` (blocking fsyncs) runs in a worker thread and it never touches the
-    Storage's table. The server must therefore call ``finish()`` on the loop once ``commit()``
+    Threads: ``write``, ``abort``, ``finish`` and ``Storage.release`` run on the event loop;
+    ``Storage.begin`` and ``commit`` (blocking fsyncs) run in worker threads, and ``commit`` never
+    touches the Storage's table. The server must therefore call ``finish()`` on the loop once ``commit()``
     has returned, to release the reservation; ``abort()`` releases by itself. ``done`` is true
     once the transfer reached its end (commit returned or abort ran); ``abort()`` is then a no-op
     for the files but still releases. ``abort()`` waits for a ``commit()`` still running in a
@@ -206,12 +206,14 @@ class Incoming:
                 raise LocalProtocolError(
                     f"cannot make {self.data_path.name} durable: {exc.strerror or exc}", RefuseCode.INTERNAL
                 ) from None
+            # From here the .data is durable under its name: what follows only tidies up, and a
+            # failure is logged, not a reason to refuse what is already safely stored.
             try:
                 os.unlink(self.part_path.name, dir_fd=self.dir_fd)
                 self.part_ours = False
+                os.fsync(self.dir_fd)
             except OSError as exc:
                 log.warning("%s: cannot remove after commit: %s", self.part_path, exc.strerror or exc)
-            os.fsync(self.dir_fd)
             self.done = True
             self._close_dir()
 
@@ -306,7 +308,11 @@ class Incoming:
 
 
 class Storage:
-    """The server's files under ROOT, shared by all its connections (one event loop, no locks)."""
+    """The server's files under ROOT, shared by all its connections.
+
+    ``begin`` runs in executor threads (one at a time, under ``_begins``); the table of names being
+    received and their disk reservations is guarded by ``_table``.
+    """
 
     def __init__(self, root: Path, max_file_size: int) -> None:
         self.root = root

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 from engine import envelope, meta
+from engine.blocks import CRC_FRAME_LEN, wire_size
+from engine.errors import RefuseCode
 from engine.keys import load_private, load_public
-from engine.protocol import NEED_DATA, Connection, Event, Role
+from engine.protocol import NEED_DATA, Connection, Event, Role, refusal_bytes
 from engine.users import private_key_path, public_key_path
 
 from .helpers import ServerProcess, make_file, run_send, target
@@ -110,8 +114,9 @@ def test_missing_meta_file(root: Path, server: ServerProcess) -> None:
     assert "no such .meta file" in result.stderr
 
 
-def _stalling_server(root: Path, listener: socket.socket, stop: threading.Event) -> None:
-    """Does a real handshake as roland-frei, sends the REPLY, then never reads again."""
+def _stalling_server(root: Path, listener: socket.socket, stop: threading.Event, slow_read: int = 0) -> None:
+    """Does a real handshake as roland-frei, sends the REPLY, then never reads again; or, with
+    ``slow_read`` bytes expected, reads them 128 KiB per 0.05 s and answers with a refusal."""
     from engine.protocol import Envelope, Header, Reply
 
     conn_sock, _ = listener.accept()
@@ -134,22 +139,51 @@ def _stalling_server(root: Path, listener: socket.socket, stop: threading.Event)
         sealed = envelope.seal(load_public(public_key_path(root, "roland-frei", "zhenqiang")), meta.to_json(reply),
                                envelope.aad(envelope.REPLY, header.from_hash, header.to_hash))
         conn_sock.sendall(b"".join(conn.send(Reply(sealed))))
-        stop.wait(60)  # reads nothing more: the client's sends fill the socket buffers and block
+        if not slow_read:
+            stop.wait(60)  # reads nothing more: the client's sends fill the socket buffers and block
+            return
+        got = 0
+        while got < slow_read and not stop.is_set():
+            chunk = conn_sock.recv(128 * 1024)
+            if not chunk:
+                return
+            got += len(chunk)
+            time.sleep(0.05)
+        conn_sock.sendall(refusal_bytes(int(RefuseCode.INTERNAL), "slow reader got everything"))
 
 
-def test_server_that_stops_reading(root: Path) -> None:
-    _, meta_path = make_file(root, 64 * 2**20)  # more than loopback's socket buffers hold
-    listener = socket.create_server(("127.0.0.1", 0))
+def _send_to_fake_server(root: Path, meta_path: Path, timeout: str, slow_read: int = 0
+                         ) -> subprocess.CompletedProcess[str]:
+    """``m2y send`` against ``_stalling_server`` on a loopback port, its thread stopped afterwards."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # inherited by the accepted socket
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
     stop = threading.Event()
-    fake = threading.Thread(target=_stalling_server, args=(root, listener, stop), daemon=True)
+    fake = threading.Thread(target=_stalling_server, args=(root, listener, stop, slow_read), daemon=True)
     fake.start()
     try:
-        result = run_send(root, listener.getsockname()[1], meta_path, extra=("--timeout", "2"), timeout=60)
+        return run_send(root, listener.getsockname()[1], meta_path, extra=("--timeout", timeout), timeout=60)
     finally:
         stop.set()
         fake.join(10)
         listener.close()
-    _one_line_failure(result, meta_path, "server stopped reading for 2 s")
+
+
+def test_server_that_stops_reading(root: Path) -> None:
+    _, meta_path = make_file(root, 64 * 2**20)  # more than loopback's socket buffers hold
+    result = _send_to_fake_server(root, meta_path, "2")
+    _one_line_failure(result, meta_path, "server took no data for 2 s")
+
+
+def test_a_slow_but_reading_server_is_not_given_up_on(root: Path) -> None:
+    """--timeout is about progress: at ~2.6 MB/s a 1 MiB batch takes ~0.4 s, longer than the 0.3 s
+    timeout, and the client must wait for it (the server's answer here is a test refusal). The
+    file is larger than what the socket buffers hold, so sends do block."""
+    size = 12 * 2**20
+    _, meta_path = make_file(root, size)
+    result = _send_to_fake_server(root, meta_path, "0.3", slow_read=wire_size(size) + CRC_FRAME_LEN)
+    _one_line_failure(result, meta_path, "slow reader got everything")
 
 
 def test_a_meta_that_cannot_be_renamed_is_reported_and_the_rest_still_sent(root: Path, server: ServerProcess

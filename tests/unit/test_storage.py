@@ -442,6 +442,37 @@ def test_unlink_part_failing_after_link_still_commits(root: Path, monkeypatch: p
     assert store.reserved() == 0
 
 
+def test_second_folder_fsync_failing_still_commits(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first folder fsync after the link made the name durable: a failing second one (after the
+    .part is gone) is logged, and the transfer is committed, not refused into a stuck EXISTS."""
+    store = Storage(root, max_file_size=MiB)
+    incoming = store.begin(fields(4))
+    incoming.write(b"kept")
+    real_fsync, real_unlink = os.fsync, os.unlink
+    state = {"part_gone": False}
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        real_unlink(path, *args, **kwargs)
+        if str(path).endswith(".part"):
+            state["part_gone"] = True
+
+    def fsync(fd: int) -> None:
+        if state["part_gone"]:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "fsync", fsync)
+    incoming.commit()
+    monkeypatch.undo()
+    assert incoming.done
+    incoming.finish()
+    stem = target(root)
+    assert with_suffix(stem, ".data").read_bytes() == b"kept"
+    assert not with_suffix(stem, ".part").exists()
+    assert store.reserved() == 0
+
+
 def test_folder_fsync_failing_after_link_undoes_the_link(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No ACK without a durable name: the commit fails, the .data is unlinked, and a retry is accepted
     (keeping the .data would refuse every retry as EXISTS although the sender never got its ACK)."""
