@@ -3,9 +3,9 @@
 Per connection, one coroutine reads exactly what the connection asks for straight into
 the buffer it names (block frames land in a reused batch region, no copies), decrypts
 and CRCs the blocks, and writes plaintext to the .part file. Reads are tried at once and
-go through the loop only when nothing is waiting or after a few in a row (``_next``). A watchdog closes
-connections idle longer than ``idle_timeout``. Any failure becomes one REFUSED frame
-with a reason, the .part is removed, and the server goes on serving.
+go through the loop only when nothing is waiting or after a few in a row (``_next``).
+A watchdog closes connections idle longer than ``idle_timeout``. Any failure becomes one
+REFUSED frame with a reason, the .part is removed, and the server goes on serving.
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ from .users import check_user, user_hash
 log = logging.getLogger("m2y.server")
 
 IMMEDIATE_READS = 8  # reads in a row without yielding to the loop: ~8 MiB, ~10 ms at most here
-
 
 
 @dataclass
