@@ -346,6 +346,8 @@ class _Session:
                     n = sock.recv_into(buf)
                     self._immediate += 1
             if n < 0:
+                if self._immediate >= IMMEDIATE_READS:
+                    await asyncio.sleep(0)  # yield even on a loop whose sock_recv_into reads at once
                 self._immediate = 0
                 n = await loop.sock_recv_into(sock, buf)
             self.last_rx = loop.time()
