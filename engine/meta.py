@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import re
@@ -183,6 +184,9 @@ def meta_path_for(data_path: Path) -> Path:
     return data_path.with_suffix(".meta")
 
 
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
+
+
 def write_meta_file(path: Path, fields: Mapping[str, Any]) -> None:
     """Write a .meta atomically; never replace one that describes another file.
 
@@ -196,12 +200,21 @@ def write_meta_file(path: Path, fields: Mapping[str, Any]) -> None:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
     tmp = Path(tmp_name)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would have made it; mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
             f.write(to_json(fields) + b"\n")
         try:
             os.link(tmp, path)
         except FileExistsError:
             _check_same_file(path, fields["filename"])
+            os.replace(tmp, path)
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            if path.exists():  # FAT, some network file systems: no link, so check, then replace
+                _check_same_file(path, fields["filename"])
             os.replace(tmp, path)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -213,7 +213,7 @@ class Incoming:
                 self.part_ours = False
                 os.fsync(self.dir_fd)
             except OSError as exc:
-                log.warning("%s: cannot remove after commit: %s", self.part_path, exc.strerror or exc)
+                log.warning("%s: cannot tidy up after commit: %s", self.part_path, exc.strerror or exc)
             self.done = True
             self._close_dir()
 

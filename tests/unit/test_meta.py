@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -518,3 +521,30 @@ def test_write_meta_file_never_takes_over_another_files_meta(tmp_path: Path) -> 
 def test_write_meta_file_error_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"cannot write .*missing"):
         meta.write_meta_file(tmp_path / "missing" / "a.meta", meta.make("zhenqiang", "roland-frei", "p", "a", 1, 0))
+
+
+def test_write_meta_file_mode_follows_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        meta.write_meta_file(tmp_path / "a.meta", meta.make("zhenqiang", "roland-frei", "p", "a.txt", 1, 0))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.meta").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("err", [errno.EPERM, errno.EXDEV])
+def test_write_meta_file_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
+    """FAT and some network file systems refuse link(): the .meta is still written, and still never
+    replaces another file's."""
+    def no_link(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "link", no_link)
+    out = tmp_path / "a.meta"
+    first = meta.make("zhenqiang", "roland-frei", "p", "a.txt", 1, 0)
+    meta.write_meta_file(out, first)
+    assert meta.read_meta_file(out) == first
+    with pytest.raises(ConfigError, match=r"already exists and is the \.meta of 'a\.txt'"):
+        meta.write_meta_file(out, meta.make("zhenqiang", "roland-frei", "p", "a.bin", 2, 0))
+    assert meta.read_meta_file(out) == first
+    assert [p.name for p in tmp_path.iterdir()] == ["a.meta"]
