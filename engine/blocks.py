@@ -49,6 +49,10 @@ def wire_size(filesize: int) -> int:
     return filesize + TAG_LEN * block_count(filesize)
 
 
+def _bad_block(index: int) -> RemoteProtocolError:
+    return RemoteProtocolError(f"block {index} failed authentication (tampered or wrong key)", RefuseCode.BAD_BLOCK)
+
+
 class BlockCipher:
     """AES-128-GCM for one transfer's blocks, CRC frame and ACK."""
 
@@ -72,9 +76,7 @@ class BlockCipher:
         try:
             self._aead.decrypt_into(self.nonce(index), frame, None, out)
         except InvalidTag:
-            raise RemoteProtocolError(
-                f"block {index} failed authentication (tampered or wrong key)", RefuseCode.BAD_BLOCK
-            ) from None
+            raise _bad_block(index) from None
 
     def seal_blocks(self, views: list[tuple[memoryview, memoryview]], first: int, crc: int = 0) -> int:
         """Seal blocks first, first+1, ... in place: each (plaintext, frame) pair shares its start, the
@@ -98,9 +100,7 @@ class BlockCipher:
                 crc = _crc64(plain, crc)
                 index += 1
         except InvalidTag:
-            raise RemoteProtocolError(
-                f"block {index} failed authentication (tampered or wrong key)", RefuseCode.BAD_BLOCK
-            ) from None
+            raise _bad_block(index) from None
         return crc
 
     def seal_crc(self, crc: int) -> bytes:

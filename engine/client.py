@@ -28,7 +28,7 @@ from .crc import crc64_combine
 from .defaults import DEFAULT_BATCH, DEFAULT_TIMEOUT
 from .errors import ConfigError, M2YError, ProtocolError, Refused, RemoteProtocolError
 from .keys import load_private, load_public
-from .pool import ENCRYPT, Ring, WorkerPool, advance, make_ring, plain_views
+from .pool import ENCRYPT, Ring, WorkerPool, advance, make_ring
 from .protocol import (
     NEED_DATA,
     Ack,
@@ -268,7 +268,7 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
                 slot = free.pop()
                 count = min(batch, total - index)
                 want = batch_plain_size(filesize, index, count)
-                todo = plain_views(ring.frames(slot), want)  # each block straight into its frame
+                todo = ring.plain(slot, want)  # each block straight into its frame
                 while todo:
                     n = os.readv(fd, todo)
                     if not n:

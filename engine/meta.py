@@ -13,7 +13,6 @@ import json
 import os
 import re
 import secrets
-import tempfile
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -194,15 +193,12 @@ def write_meta_file(path: Path, fields: Mapping[str, Any]) -> None:
     first's .meta and the first would never be sent. Rewriting the .meta of the same file is fine.
     A new .meta is hard-linked into place, which fails if one appeared meanwhile.
     """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # own name: runs at once never share it
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
-    tmp = Path(tmp_name)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as open() would have made it; mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
             f.write(to_json(fields) + b"\n")
         try:

@@ -56,8 +56,7 @@ def slot_size(batch: int) -> int:
 
 def plain_views(frames: memoryview, plain_len: int) -> list[memoryview]:
     """Where each block's plaintext sits in a slot: the start of its frame (sealed in place)."""
-    return [frames[off : off + min(BLOCK_SIZE, plain_len - pos)]
-            for pos, off in zip(range(0, plain_len, BLOCK_SIZE), range(0, len(frames), FRAME), strict=False)]
+    return [plain for plain, _frame in block_views(frames, plain_len)]
 
 
 def advance(views: list[memoryview], n: int) -> list[memoryview]:
@@ -107,6 +106,7 @@ class Ring(Protocol):
     verified: int  # batches whose blocks all authenticated
 
     def frames(self, slot: int) -> memoryview: ...
+    def plain(self, slot: int, plain_len: int) -> list[memoryview]: ...
     def submit(self, slot: int, op: int, first: int, plain_len: int) -> None: ...
     async def result(self) -> tuple[int, int, int]: ...
     def in_flight(self) -> int: ...
@@ -118,7 +118,9 @@ class _SlotMemory:
         step = slot_size(batch)
         self._frames = [buf[i * step : (i + 1) * step] for i in range(depth)]
         self._full = batch * BLOCK_SIZE
-        self._views = [block_views(f, self._full) for f in self._frames]  # every batch but a file's last
+        # Every batch but a file's last is full: its views are made once per slot, not per batch.
+        self._views = [block_views(f, self._full) for f in self._frames]
+        self._plain = [[plain for plain, _frame in v] for v in self._views]
 
     def frames(self, slot: int) -> memoryview:
         return self._frames[slot]
@@ -126,8 +128,13 @@ class _SlotMemory:
     def views(self, slot: int, plain_len: int) -> list[tuple[memoryview, memoryview]]:
         return self._views[slot] if plain_len == self._full else block_views(self._frames[slot], plain_len)
 
+    def plain(self, slot: int, plain_len: int) -> list[memoryview]:
+        """The plaintext views alone, for readv/writev (which never change the list they are given)."""
+        return self._plain[slot] if plain_len == self._full else plain_views(self._frames[slot], plain_len)
+
     def release(self) -> None:
         self._views.clear()
+        self._plain.clear()
         for view in self._frames:
             with contextlib.suppress(BufferError):
                 view.release()
@@ -164,6 +171,9 @@ class InlineRing:
 
     def frames(self, slot: int) -> memoryview:
         return self._mem.frames(slot)
+
+    def plain(self, slot: int, plain_len: int) -> list[memoryview]:
+        return self._mem.plain(slot, plain_len)
 
     def submit(self, slot: int, op: int, first: int, plain_len: int) -> None:
         """Process at once: a bad block raises here, before anything else is received."""
@@ -362,6 +372,9 @@ class PoolRing:
 
     def frames(self, slot: int) -> memoryview:
         return self._mem.frames(slot)
+
+    def plain(self, slot: int, plain_len: int) -> list[memoryview]:
+        return self._mem.plain(slot, plain_len)
 
     def submit(self, slot: int, op: int, first: int, plain_len: int) -> None:
         fut = self._pool.submit(self._shm.name, self._batch, self.depth, self._keysalt, slot, op, first, plain_len)
