@@ -1,9 +1,11 @@
 """The client: reads a .meta, talks to a server through ``protocol.Connection``, streams the file.
 
 Each batch of the file is read with ``readv`` straight into a slot of the ring, every
-64 KiB block at the start of its own frame; the ring (``pool.py``) CRCs and seals each
-block in place, and the slot goes to the socket with ``sock_sendall``: no block is copied
-in user space.
+64 KiB block at the start of its own frame; the ring (``pool.py``) seals each block in
+place, and the slot goes to the socket: no block is copied in user space. The client takes
+no CRC of its own: the CRC frame carries the .meta's fileCRC, and the server refuses
+(BAD_CRC) unless the bytes it received have that CRC, so a file changed since ``m2y meta``
+is caught there, without a pass over the file here.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from Crypto.PublicKey import RSA
 
 from . import envelope, meta
 from .blocks import BlockCipher, batch_plain_size, block_count
-from .crc import crc64_combine
 from .defaults import DEFAULT_BATCH, DEFAULT_TIMEOUT
-from .errors import ConfigError, M2YError, ProtocolError, Refused, RemoteProtocolError
+from .errors import ConfigError, M2YError, ProtocolError, RefuseCode, Refused, RemoteProtocolError
 from .keys import load_private, load_public
 from .pool import ENCRYPT, Ring, WorkerPool, advance, make_ring
 from .protocol import (
@@ -224,16 +225,20 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
         cipher = BlockCipher(filekey, salt)
         filesize = fields["filesize"]
         ch.conn.set_filesize(filesize)
+        crc = fields["fileCRC"]
         try:
-            crc = await _stream(ch, p.data_path, make_ring(pool, filekey, salt, batch), filesize, batch)
+            await _stream(ch, p.data_path, make_ring(pool, filekey, salt, batch), filesize, batch)
             await ch.send(FileCRC(cipher.seal_crc(crc)))
         except (ConnectionResetError, BrokenPipeError):
             event = await ch.next(timeout=5)  # the server refused mid-file: say why
             raise _refused(event) from None
         event = await ch.next(timeout=max(timeout * 10, 600))  # ACK follows an fsync of the whole file
         if not isinstance(event, Ack):
-            if crc != fields["fileCRC"]:
-                raise ConfigError(f"{p.data_path.name} changed since its .meta was written: CRC differs")
+            if isinstance(event, RefusedEvent) and event.code == RefuseCode.BAD_CRC:
+                # Every block authenticated, so the bytes arrived as read: the file is not the one
+                # its .meta describes (changed since `m2y meta`, or damaged on this disk).
+                raise ConfigError(f"{p.data_path.name} changed since its .meta was written: the server found "
+                                  "another CRC than the .meta's fileCRC; run 'm2y meta' again to send it as it is now")
             raise _refused(event)
         ack_size, ack_crc = cipher.open_ack(event.sealed)
         if (ack_size, ack_crc) != (filesize, crc):
@@ -243,19 +248,16 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
         sock.close()
 
 
-async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: int) -> int:
-    """file -> slot -> (worker) -> frames -> socket, in order; return the CRC-64 of the plaintext."""
+async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: int) -> None:
+    """file -> slot -> (worker) -> frames -> socket, in order."""
     free = list(range(ring.depth))
     queued: collections.deque[tuple[int, int]] = collections.deque()  # (first block, count) per batch
-    crc = 0
     total = block_count(filesize)
     index = 0
 
     async def send_oldest() -> None:
-        nonlocal crc
-        slot, batch_crc, plain_len = await ring.result()
+        slot, _crc, _plain_len = await ring.result()  # sealing takes no CRC
         first, count = queued.popleft()
-        crc = batch_crc if ring.chained else crc64_combine(crc, batch_crc, plain_len)
         await ch.send(Blocks(first, count, ring.frames(slot)[: frames_size(filesize, first, count)]))
         free.append(slot)
 
@@ -281,7 +283,6 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
                 await send_oldest()
     finally:
         ring.close()
-    return crc
 
 
 def _final_name(meta_path: Path, suffix: str) -> Path:

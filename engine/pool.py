@@ -4,15 +4,17 @@ Strategy: each transfer owns a ring of slots in one ``multiprocessing.shared_mem
 segment. A slot holds one batch laid out as on the wire: each block's plaintext sits at the
 start of its frame and is sealed (or opened) in place. The network process fills a slot
 (file -> plaintext, or socket -> frames), sends the slot *number* and a few integers to a
-worker over a pipe, and gets back the batch's CRC-64 of the plaintext (or an error line).
+worker over a pipe, and gets back the batch's CRC-64 of the plaintext when opening (or an error
+line).
 Block bytes never cross a pipe.
 Results are consumed in submission order, so the file and the socket see the blocks
 in order however the workers finish; a transfer has at most ``depth`` batches in
 flight, which is the back-pressure that keeps memory flat whatever the file size.
 
-Each block's CRC is taken right before sealing / after opening it (the bytes are still in
-cache). Workers return per-batch CRCs that the network process joins with
-``crc.crc64_combine``; ``InlineRing`` simply lets the CRC run on. No extra pass over the data.
+The receiver takes each block's CRC right after opening it (the bytes are still in cache).
+Workers return per-batch CRCs that the network process joins with ``crc.crc64_combine``;
+``InlineRing`` simply lets the CRC run on. No extra pass over the data. The sender takes no
+CRC at all: it sends its .meta's fileCRC, which the server checks the received bytes against.
 
 ``InlineRing`` does the same work in the calling process (``--workers 0``) and is
 what the pool is tested against.
@@ -82,18 +84,20 @@ def process_batch(
     cipher: BlockCipher, op: int, frames: memoryview, first: int, plain_len: int, crc: int = 0,
     views: list[tuple[memoryview, memoryview]] | None = None,
 ) -> int:
-    """Seal or open one batch in place; return the CRC-64 of its plaintext.
+    """Seal or open one batch in place; opening returns the CRC-64 of the plaintext, continued
+    from ``crc``; sealing returns ``crc`` unchanged (the sender takes no CRC, see ``seal_blocks``).
 
     Plaintext block i sits at the start of frame i, so sealing writes ciphertext over it and
     appends the tag, and opening does the reverse: no second buffer and no copy (OpenSSL's
-    GCM works in place when input and output start at the same address). The CRC is taken
-    on each block while it is in cache: before sealing, after opening; it continues from ``crc``.
+    GCM works in place when input and output start at the same address). The receiver's CRC
+    is taken on each block right after opening it, while it is in cache.
     ``views`` are ``block_views(frames, plain_len)`` if the caller keeps them (a slot's full batch).
     """
     if views is None:
         views = block_views(frames, plain_len)
     if op == ENCRYPT:
-        return cipher.seal_blocks(views, first, crc)
+        cipher.seal_blocks(views, first)
+        return crc
     return cipher.open_blocks(views, first, crc)
 
 

@@ -392,9 +392,9 @@ class _Session:
         assert isinstance(event, FileCRC)
         claimed = cipher.open_crc(event.sealed)
         self.deadline = None  # an empty file's sender proves itself here
-        if claimed != actual:
+        if claimed != fields["fileCRC"]:
             raise RemoteProtocolError(
-                f"file CRC mismatch: client says {claimed:016x}, received bytes give {actual:016x}",
+                f"the CRC frame says {claimed:016x}, the metadata's fileCRC is {fields['fileCRC']:016x}",
                 RefuseCode.BAD_CRC,
             )
         if actual != fields["fileCRC"]:

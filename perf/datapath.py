@@ -4,9 +4,9 @@
 The measured side runs in this process with the engine's own code; its peer is a separate,
 minimal Python process on the other core that does as little as it can.
 
-* sender: read the file into a slot, seal it in place (``pool.process_batch`` ENCRYPT: CRC-64 +
-  AES-128-GCM), ``sendall`` the frames; the peer ``recv_into``s and discards. Raw: read 1 MiB,
-  ``sendall`` (the raw copy's sender).
+* sender: read the file into a slot, seal it in place (``pool.process_batch`` ENCRYPT: AES-128-GCM;
+  the sender takes no CRC, it sends its .meta's), ``sendall`` the frames; the peer ``recv_into``s
+  and discards. Raw: read 1 MiB, ``sendall`` (the raw copy's sender).
 * receiver: the peer ``sendall``s one sealed batch over and over; this side ``recv_into``s a
   slot, opens it in place (DECRYPT: AES-128-GCM + CRC-64) and ``writev``s the plaintext to a new
   file, fsynced at the end. Raw: the peer sends plain bytes, this side ``recv_into`` 1 MiB + write
@@ -123,7 +123,7 @@ def send_m2y(h: Harness, src: Path, size: int, tmp: Path) -> dict[str, float]:
     fd = os.open(src, os.O_RDONLY)
     try:
         with s:
-            index, crc, left = 0, 0, size
+            index, left = 0, size
             while left:
                 want = min(BATCH_PLAIN, left)
                 todo = plain_views(slot, want)
@@ -132,7 +132,7 @@ def send_m2y(h: Harness, src: Path, size: int, tmp: Path) -> dict[str, float]:
                     if not n:
                         raise BenchError("source file shrank")
                     todo = advance(todo, n)
-                crc = process_batch(cipher, ENCRYPT, slot, index, want, crc)
+                process_batch(cipher, ENCRYPT, slot, index, want)
                 blocks = -(-want // BLOCK_SIZE)
                 frames = slot[: want + 16 * blocks]
                 s.sendall(frames)

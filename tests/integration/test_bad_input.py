@@ -208,7 +208,23 @@ def test_wrong_final_crc(root: Path, server: ServerProcess) -> None:
         hs.send_frames(sealed_frames(hs.cipher, payload))
         c.send_event(FileCRC(hs.cipher.seal_crc(crc64(payload) ^ 0xFF)))
         code, reason = c.read_refusal()
-    assert code == RefuseCode.BAD_CRC and "CRC mismatch" in reason
+    assert code == RefuseCode.BAD_CRC and "the CRC frame says" in reason
+    assert wait_until(lambda: no_files_for(root, fields))
+    assert_still_serves(root, server)
+
+
+def test_bytes_differ_from_the_metadata_crc(root: Path, server: ServerProcess) -> None:
+    """What a file changed after its .meta gives: the CRC frame carries the .meta's fileCRC (as the
+    client sends it), every block authenticates, and only the server's own CRC can tell."""
+    payload, fields = payload_fields(100_000)
+    other = bytearray(payload)
+    other[54_321] ^= 0x10
+    hs = handshake(root, server.port, fields)
+    with hs.client as c:
+        hs.send_frames(sealed_frames(hs.cipher, bytes(other)))
+        c.send_event(FileCRC(hs.cipher.seal_crc(fields["fileCRC"])))
+        code, reason = c.read_refusal()
+    assert code == RefuseCode.BAD_CRC and "differs from the metadata's fileCRC" in reason
     assert wait_until(lambda: no_files_for(root, fields))
     assert_still_serves(root, server)
 
