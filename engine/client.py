@@ -195,9 +195,9 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
-def _refused(event: Event) -> Refused:
+def _refused(event: Event, hint: str = "") -> Refused:
     if isinstance(event, RefusedEvent):
-        return Refused(f"server refused: {_printable(event.reason)}", event.code)
+        return Refused(f"server refused: {_printable(event.reason)}{hint}", event.code)
     return Refused(f"server sent {type(event).__name__} unexpectedly", 0)
 
 
@@ -234,12 +234,13 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
             raise _refused(event) from None
         event = await ch.next(timeout=max(timeout * 10, 600))  # ACK follows an fsync of the whole file
         if not isinstance(event, Ack):
+            hint = ""
             if isinstance(event, RefusedEvent) and event.code == RefuseCode.BAD_CRC:
-                # Every block authenticated, so the bytes arrived as read: the file is not the one
-                # its .meta describes (changed since `m2y meta`, or damaged on this disk).
-                raise ConfigError(f"{p.data_path.name} changed since its .meta was written: the server found "
-                                  "another CRC than the .meta's fileCRC; run 'm2y meta' again to send it as it is now")
-            raise _refused(event)
+                # Usually the file is not the one its .meta describes; the server's reason says
+                # which check failed, and only the user knows whether the change was meant.
+                hint = (f" (if {p.data_path.name} was changed on purpose since its .meta was written, "
+                        "run 'm2y meta' again)")
+            raise _refused(event, hint)
         ack_size, ack_crc = cipher.open_ack(event.sealed)
         if (ack_size, ack_crc) != (filesize, crc):
             raise RemoteProtocolError("ACK names another size or CRC than what was sent")

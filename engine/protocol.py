@@ -105,7 +105,8 @@ class Blocks(Event):
 
 @dataclass(frozen=True, slots=True)
 class FileCRC(Event):
-    """The client's CRC-64 of the file, sealed with the filekey (blocks.BlockCipher.seal_crc)."""
+    """The file's CRC-64 as its .meta gives it (the server checks the received bytes against it),
+    sealed with the filekey (blocks.BlockCipher.seal_crc)."""
 
     sealed: bytes
 

@@ -8,13 +8,14 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from engine import envelope, meta
-from engine.blocks import CRC_FRAME_LEN, wire_size
+from engine.blocks import CRC_FRAME_LEN, BlockCipher, wire_size
 from engine.errors import RefuseCode
 from engine.keys import load_private, load_public
-from engine.protocol import NEED_DATA, Connection, Event, Role, refusal_bytes
+from engine.protocol import NEED_DATA, SERVER_PREFIX, Connection, Event, Kind, Role, refusal_bytes
 from engine.users import private_key_path, public_key_path
 
 from .helpers import ServerProcess, make_file, run_send, target
@@ -87,7 +88,8 @@ def test_file_content_changed(root: Path, server: ServerProcess) -> None:
     fields = meta.read_meta_file(meta_path)
     data.write_bytes(os.urandom(200_000))
     result = run_send(root, server.port, meta_path)
-    _one_line_failure(result, meta_path, "changed since its .meta was written", "CRC")
+    line = _one_line_failure(result, meta_path, "server refused", "differs from the metadata's fileCRC")
+    assert "changed on purpose since its .meta was written, run 'm2y meta' again" in line
     assert not target(root, fields).exists()
     assert not target(root, fields, ".part").exists()
 
@@ -114,9 +116,17 @@ def test_missing_meta_file(root: Path, server: ServerProcess) -> None:
     assert "no such .meta file" in result.stderr
 
 
-def _stalling_server(root: Path, listener: socket.socket, stop: threading.Event, slow_read: int = 0) -> None:
+Answer = Callable[[bytes, bytes], bytes]  # (filekey, salt) -> the fake server's last words
+
+
+def _test_refusal(_key: bytes, _salt: bytes) -> bytes:
+    return refusal_bytes(int(RefuseCode.INTERNAL), "slow reader got everything")
+
+
+def _stalling_server(root: Path, listener: socket.socket, stop: threading.Event, slow_read: int = 0,
+                     answer: Answer = _test_refusal, pause: float = 0.05) -> None:
     """Does a real handshake as roland-frei, sends the REPLY, then never reads again; or, with
-    ``slow_read`` bytes expected, reads them 128 KiB per 0.05 s and answers with a refusal."""
+    ``slow_read`` bytes expected, reads them 128 KiB per ``pause`` s and sends ``answer``."""
     from engine.protocol import Envelope, Header, Reply
 
     conn_sock, _ = listener.accept()
@@ -135,7 +145,7 @@ def _stalling_server(root: Path, listener: socket.socket, stop: threading.Event,
         aad = envelope.aad(envelope.REQUEST, header.from_hash, header.to_hash)
         fields = meta.parse(envelope.open_(load_private(private_key_path(root, "roland-frei")), env.data, aad),
                             extra=(meta.NONCE_FIELD,))
-        reply, _key, _salt = meta.add_reply_fields(fields)
+        reply, filekey, salt = meta.add_reply_fields(fields)
         sealed = envelope.seal(load_public(public_key_path(root, "roland-frei", "zhenqiang")), meta.to_json(reply),
                                envelope.aad(envelope.REPLY, header.from_hash, header.to_hash))
         conn_sock.sendall(b"".join(conn.send(Reply(sealed))))
@@ -148,19 +158,20 @@ def _stalling_server(root: Path, listener: socket.socket, stop: threading.Event,
             if not chunk:
                 return
             got += len(chunk)
-            time.sleep(0.05)
-        conn_sock.sendall(refusal_bytes(int(RefuseCode.INTERNAL), "slow reader got everything"))
+            time.sleep(pause)
+        conn_sock.sendall(answer(filekey, salt))
 
 
-def _send_to_fake_server(root: Path, meta_path: Path, timeout: str, slow_read: int = 0
-                         ) -> subprocess.CompletedProcess[str]:
+def _send_to_fake_server(root: Path, meta_path: Path, timeout: str, slow_read: int = 0,
+                         answer: Answer = _test_refusal, pause: float = 0.05) -> subprocess.CompletedProcess[str]:
     """``m2y send`` against ``_stalling_server`` on a loopback port, its thread stopped afterwards."""
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # inherited by the accepted socket
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     stop = threading.Event()
-    fake = threading.Thread(target=_stalling_server, args=(root, listener, stop, slow_read), daemon=True)
+    fake = threading.Thread(target=_stalling_server, args=(root, listener, stop, slow_read, answer, pause),
+                            daemon=True)
     fake.start()
     try:
         return run_send(root, listener.getsockname()[1], meta_path, extra=("--timeout", timeout), timeout=60)
@@ -184,6 +195,37 @@ def test_a_slow_but_reading_server_is_not_given_up_on(root: Path) -> None:
     _, meta_path = make_file(root, size)
     result = _send_to_fake_server(root, meta_path, "0.3", slow_read=wire_size(size) + CRC_FRAME_LEN)
     _one_line_failure(result, meta_path, "slow reader got everything")
+
+
+def test_an_ack_for_another_crc_is_not_taken(root: Path) -> None:
+    """A server that ACKs bytes other than the .meta's (its CRC checks skipped, or a bug) is not
+    believed: the client compares the sealed ACK with the .meta's size and fileCRC."""
+    size = 300_000
+    _, meta_path = make_file(root, size)
+    crc = meta.read_meta_file(meta_path)["fileCRC"]
+
+    def wrong_ack(filekey: bytes, salt: bytes) -> bytes:
+        sealed = BlockCipher(filekey, salt).seal_ack(size, crc ^ 1)
+        return SERVER_PREFIX.pack(Kind.ACK, len(sealed)) + sealed  # as Connection.send frames an Ack
+
+    result = _send_to_fake_server(root, meta_path, "5", slow_read=wire_size(size) + CRC_FRAME_LEN,
+                                  answer=wrong_ack, pause=0)
+    _one_line_failure(result, meta_path, "ACK names another size or CRC than what was sent")
+
+
+def test_a_bad_crc_refusal_keeps_the_servers_reason(root: Path) -> None:
+    """BAD_CRC does not always mean the file changed (here: the CRC frame did not authenticate):
+    the client shows the server's reason, with the .meta advice only as a hint."""
+    size = 300_000
+    _, meta_path = make_file(root, size)
+
+    def refuse(_key: bytes, _salt: bytes) -> bytes:
+        return refusal_bytes(int(RefuseCode.BAD_CRC), "the file CRC frame failed authentication")
+
+    result = _send_to_fake_server(root, meta_path, "5", slow_read=wire_size(size) + CRC_FRAME_LEN,
+                                  answer=refuse, pause=0)
+    line = _one_line_failure(result, meta_path, "server refused: the file CRC frame failed authentication")
+    assert "was changed on purpose since its .meta was written" in line
 
 
 def test_a_meta_that_cannot_be_renamed_is_reported_and_the_rest_still_sent(root: Path, server: ServerProcess
