@@ -24,7 +24,7 @@ from engine.defaults import (
     default_workers,
 )
 from engine.errors import ConfigError, M2YError
-from engine.users import default_root
+from engine.users import check_user, default_root
 
 if TYPE_CHECKING:
     from engine.server import Server
@@ -135,7 +135,8 @@ def cmd_meta(args: argparse.Namespace) -> int:
                 size += n
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    fields = meta.make(args.sender, args.recipient, args.folder, path.name, size, crc)
+    when = meta.issue_datetime(_root(args) / check_user(args.sender))  # distinct per sender: see issue_datetime
+    fields = meta.make(args.sender, args.recipient, args.folder, path.name, size, crc, when)
     out = meta.meta_path_for(path)
     meta.write_meta_file(out, fields)
     print(f"wrote {out}")

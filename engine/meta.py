@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import fcntl
 import json
 import os
 import re
@@ -142,6 +143,44 @@ def parse(data: bytes, extra: tuple[str, ...] = ()) -> dict[str, Any]:
 
 def now_string(when: _dt.datetime | None = None) -> str:
     return (when or _dt.datetime.now()).strftime(DATETIME_FORMAT)
+
+
+CLOCK_FILE = ".meta-clock"  # in the sender's home: the last datetime `m2y meta` gave this sender
+_CLOCK_RESET = _dt.timedelta(days=1)
+
+
+def issue_datetime(home: Path, now: _dt.datetime | None = None) -> _dt.datetime:
+    """The datetime for a new .meta of the user whose home this is: now, or one second after the
+    last one issued if that is not earlier.
+
+    The server names a file ``<from>_<datetime>``: two files of one sender meta'd within the same
+    second would get the same name, and the second would be refused EXISTS. The clock file, locked
+    while it is read and written, keeps the datetimes of one home distinct. A clock more than a day
+    ahead (a clock that was wrong) is not followed. Without the home, plain now.
+    """
+    when = (now or _dt.datetime.now()).replace(microsecond=0)
+    try:
+        fd = os.open(home / CLOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        return when
+    except OSError as exc:
+        raise ConfigError(f"cannot use {home / CLOCK_FILE}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            last = _dt.datetime.strptime(os.read(fd, 64).decode("ascii").strip(), DATETIME_FORMAT)
+        except (UnicodeDecodeError, ValueError):
+            last = None
+        if last is not None and when <= last < when + _CLOCK_RESET:
+            when = last + _dt.timedelta(seconds=1)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, (now_string(when) + "\n").encode("ascii"))
+    except OSError as exc:
+        raise ConfigError(f"cannot use {home / CLOCK_FILE}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    return when
 
 
 def make(

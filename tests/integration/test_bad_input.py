@@ -285,9 +285,21 @@ def test_same_from_datetime_never_overwrites(root: Path, server: ServerProcess) 
     meta_path.write_bytes(meta.to_json(meta.with_crc(fields2)))
     second = run_send(root, server.port, meta_path)
     assert second.returncode != 0
-    assert "already received" in second.stderr and "never overwritten" in second.stderr
+    assert "already holds another file ('myfoto.jpg') sent with the same datetime" in second.stderr
+    assert "make a new .meta for this one (m2y meta)" in second.stderr
     assert meta_path.with_suffix(".failed").exists()
     assert target(root, fields).read_bytes() == stored
+    assert_still_serves(root, server)
+
+
+def test_the_same_file_again_is_told_apart(root: Path, server: ServerProcess) -> None:
+    """What a sender whose ACK got lost sees when it sends again: the file is there, nothing to do."""
+    _data, meta_path = make_file(root, 70_000)
+    assert run_send(root, server.port, meta_path).returncode == 0
+    meta_path.with_suffix(".done").rename(meta_path)
+    again = run_send(root, server.port, meta_path)
+    assert again.returncode != 0
+    assert "was already received (same file name, size and CRC" in again.stderr and "nothing to do" in again.stderr
     assert_still_serves(root, server)
 
 

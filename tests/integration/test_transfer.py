@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import signal
@@ -63,6 +64,30 @@ def test_meta_command_then_send(root: Path, server: ServerProcess) -> None:
     assert target(root, fields).read_bytes() == data.read_bytes()
     stored = target(root, fields, ".meta")
     assert meta.parse(meta.to_json(__import__("json").loads(stored.read_text()))) == fields
+
+
+def test_metas_made_within_a_second_get_distinct_names(root: Path, server: ServerProcess) -> None:
+    """The server names a file <from>_<datetime>: `m2y meta` must not give one sender the same
+    datetime twice. The sender's clock is set 10 s ahead, so both datetimes can only come from it
+    (however the two commands fall across a second boundary)."""
+    src = root / "zhenqiang" / "photo"
+    src.mkdir(parents=True)
+    ahead = dt.datetime.now().replace(microsecond=0) + dt.timedelta(seconds=10)
+    (root / "zhenqiang" / meta.CLOCK_FILE).write_text(meta.now_string(ahead) + "\n")
+    metas = []
+    for name in ("a.jpg", "b.jpg"):
+        (src / name).write_bytes(os.urandom(50_000))
+        made = subprocess.run([*M2Y, "meta", str(src / name), "--from", "zhenqiang", "--to", "roland-frei",
+                               "--folder", "photo", "--root", str(root)], capture_output=True, text=True, timeout=30)
+        assert made.returncode == 0, made.stderr
+        metas.append(src / name.replace(".jpg", ".meta"))
+    got = [meta.read_meta_file(m)["datetime"] for m in metas]
+    assert got == [meta.now_string(ahead + dt.timedelta(seconds=s)) for s in (1, 2)]
+    result = run_send(root, server.port, *metas)
+    assert result.returncode == 0, result.stderr
+    for m in metas:
+        fields = meta.read_meta_file(m.with_suffix(".done"))
+        assert target(root, fields).read_bytes() == (src / fields["filename"]).read_bytes()
 
 
 def test_several_metas_in_one_send(root: Path, server: ServerProcess) -> None:

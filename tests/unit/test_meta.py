@@ -548,3 +548,39 @@ def test_write_meta_file_without_hard_links(tmp_path: Path, monkeypatch: pytest.
         meta.write_meta_file(out, meta.make("zhenqiang", "roland-frei", "p", "a.bin", 2, 0))
     assert meta.read_meta_file(out) == first
     assert [p.name for p in tmp_path.iterdir()] == ["a.meta"]
+
+
+# -- the datetime `m2y meta` gives (issue_datetime) ---------------------------------------------
+
+
+def test_issue_datetime_keeps_one_senders_datetimes_distinct(tmp_path: Path) -> None:
+    now = dt.datetime(2026, 11, 26, 17, 45, 3, 999_000)
+    first = meta.issue_datetime(tmp_path, now)
+    second = meta.issue_datetime(tmp_path, now)  # the same second: the next one is taken
+    third = meta.issue_datetime(tmp_path, now + dt.timedelta(seconds=10))  # the clock moved on: now again
+    assert first == dt.datetime(2026, 11, 26, 17, 45, 3)
+    assert second == first + dt.timedelta(seconds=1)
+    assert third == dt.datetime(2026, 11, 26, 17, 45, 13)
+    assert stat.S_IMODE((tmp_path / meta.CLOCK_FILE).stat().st_mode) & 0o077 == 0
+
+
+def test_issue_datetime_ignores_a_clock_far_ahead_or_unreadable(tmp_path: Path) -> None:
+    now = dt.datetime(2026, 11, 26, 17, 45, 3)
+    (tmp_path / meta.CLOCK_FILE).write_text(meta.now_string(now + dt.timedelta(days=3)) + "\n")
+    assert meta.issue_datetime(tmp_path, now) == now
+    (tmp_path / meta.CLOCK_FILE).write_bytes(b"\xff not a date")
+    assert meta.issue_datetime(tmp_path, now) == now
+    assert meta.issue_datetime(tmp_path, now) == now + dt.timedelta(seconds=1)  # and it is rewritten
+
+
+def test_issue_datetime_without_a_home_is_now(tmp_path: Path) -> None:
+    now = dt.datetime(2026, 11, 26, 17, 45, 3)
+    assert meta.issue_datetime(tmp_path / "nobody", now) == now
+    assert meta.issue_datetime(tmp_path / "nobody", now) == now
+
+
+def test_issue_datetime_clock_that_cannot_be_used_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / meta.CLOCK_FILE).symlink_to(tmp_path / "elsewhere")  # never followed
+    with pytest.raises(ConfigError) as exc:
+        meta.issue_datetime(tmp_path)
+    assert meta.CLOCK_FILE in exc.value.reason and "\n" not in exc.value.reason
