@@ -49,13 +49,14 @@ _SAME_FILE = ("filename", "filesize", "fileCRC")
 
 def _exists_reason(dir_fd: int, folder: str, stem: str, meta_bytes: bytes) -> str:
     """Why a name that already has its .data is refused, in words the sender can act on: the same
-    file again (its ACK was lost, say), or another file of this sender with the same datetime."""
+    file again (its ACK was lost, say), or another file of this sender with the same datetime.
+
+    Nothing of the stored .meta is quoted: the request is not authenticated yet (the sender proves
+    its key only with the first block), so a stranger may be asking."""
     earlier = _read_small_json(dir_fd, f"{stem}.meta")
     mine = json.loads(meta_bytes)
     if earlier is not None and any(earlier.get(k) != mine.get(k) for k in _SAME_FILE):
-        other = earlier.get("filename")
-        named = f" ({other[:100]!r})" if isinstance(other, str) else ""
-        return (f"{folder}/{stem}.data already holds another file{named} sent with the same datetime; "
+        return (f"{folder}/{stem}.data already holds another file sent with the same datetime; "
                 "make a new .meta for this one (m2y meta) to give it a new datetime")
     if earlier is not None:
         return (f"{folder}/{stem}.data was already received (same file name, size and CRC; "
