@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -146,7 +147,6 @@ def now_string(when: _dt.datetime | None = None) -> str:
 
 
 CLOCK_FILE = ".meta-clock"  # in the sender's home: the last datetime `m2y meta` gave this sender
-_CLOCK_RESET = _dt.timedelta(days=1)
 
 
 def issue_datetime(home: Path, now: _dt.datetime | None = None) -> _dt.datetime:
@@ -155,29 +155,37 @@ def issue_datetime(home: Path, now: _dt.datetime | None = None) -> _dt.datetime:
 
     The server names a file ``<from>_<datetime>``: two files of one sender meta'd within the same
     second would get the same name, and the second would be refused EXISTS. The clock file, locked
-    while it is read and written, keeps the datetimes of one home distinct. A clock more than a day
-    ahead (a clock that was wrong) is not followed. Without the home, plain now.
+    while it is read and written, keeps the datetimes of one home distinct, even when metas come
+    faster than one a second (they then run ahead of the wall clock). A clock file that is wrong
+    (far ahead) is followed all the same: distinct names matter more; deleting it resets it.
     """
     when = (now or _dt.datetime.now()).replace(microsecond=0)
+    path = home / CLOCK_FILE
+    if not home.is_dir():
+        raise ConfigError(f"no home {home} for this sender: m2y meta keeps its datetimes there (create "
+                          f"it with 'm2y keygen {home.name} --root {home.parent}', or pass the --root that has it)")
     try:
-        fd = os.open(home / CLOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except FileNotFoundError:
-        return when
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise ConfigError(f"cannot use {home / CLOCK_FILE}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot use {path}: {exc.strerror or exc} (m2y meta keeps the sender's datetimes "
+                          "distinct there: it must be a regular file the sender can write)") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path} is not a regular file: remove it (m2y meta keeps the sender's datetimes there)")
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             last = _dt.datetime.strptime(os.read(fd, 64).decode("ascii").strip(), DATETIME_FORMAT)
         except (UnicodeDecodeError, ValueError):
-            last = None
-        if last is not None and when <= last < when + _CLOCK_RESET:
+            last = None  # empty (new) or damaged: start from now
+        if last is not None and when <= last:
             when = last + _dt.timedelta(seconds=1)
         os.lseek(fd, 0, os.SEEK_SET)
         os.ftruncate(fd, 0)
         os.write(fd, (now_string(when) + "\n").encode("ascii"))
+    except OverflowError:
+        raise ConfigError(f"{path} has run to the end of the calendar: delete it") from None
     except OSError as exc:
-        raise ConfigError(f"cannot use {home / CLOCK_FILE}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot use {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
     return when

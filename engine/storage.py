@@ -44,47 +44,13 @@ _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CL
 _PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST, errno.ELOOP, errno.EINVAL}
 
 
-_SAME_FILE = ("filename", "filesize", "fileCRC")
-
-
-def _exists_reason(dir_fd: int, folder: str, stem: str, meta_bytes: bytes) -> str:
-    """Why a name that already has its .data is refused, in words the sender can act on: the same
-    file again (its ACK was lost, say), or another file of this sender with the same datetime.
-
-    Nothing of the stored .meta is quoted: the request is not authenticated yet (the sender proves
-    its key only with the first block), so a stranger may be asking."""
-    earlier = _read_small_json(dir_fd, f"{stem}.meta")
-    mine = json.loads(meta_bytes)
-    if earlier is not None and any(earlier.get(k) != mine.get(k) for k in _SAME_FILE):
-        return (f"{folder}/{stem}.data already holds another file sent with the same datetime; "
-                "make a new .meta for this one (m2y meta) to give it a new datetime")
-    if earlier is not None:
-        return (f"{folder}/{stem}.data was already received (same file name, size and CRC; "
-                "an earlier send's ACK may have been lost): nothing to do")
-    return f"{folder}/{stem}.data was already received; a finished file is never overwritten"
-
-
-def _read_small_json(dir_fd: int, name: str, limit: int = 1 << 16) -> dict[str, Any] | None:
-    """A stored .meta, or None if it is missing, not a regular file, too big or not a JSON object."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        raw = os.read(fd, limit + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(raw) > limit:
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+def exists_reason(name: str) -> str:
+    """The EXISTS refusal. One answer for both cases (the same file again, its ACK lost; or another
+    file of this sender with the same datetime): telling them apart would mean comparing with the
+    stored .meta, and the request is not authenticated yet, so a stranger could test guesses."""
+    return (f"{name} was already received; a finished file is never overwritten. If this is the same file, "
+            "nothing to do (an earlier send's ACK may have been lost); if not, make a new .meta for it "
+            "(m2y meta) to give it a new datetime")
 
 
 def _create_file(name: str, dir_fd: int) -> int:
@@ -240,7 +206,7 @@ class Incoming:
                         dst_dir_fd=self.dir_fd, follow_symlinks=False)
             except FileExistsError:
                 self.meta_ours = False  # the .meta now describes the .data that is there
-                raise RemoteProtocolError(f"{self.data_path.name} already exists", RefuseCode.EXISTS) from None
+                raise RemoteProtocolError(exists_reason(self.data_path.name), RefuseCode.EXISTS) from None
             self.linked = True
             try:
                 os.fsync(self.dir_fd)
@@ -425,7 +391,7 @@ class Storage:
             except FileNotFoundError:
                 pass
             else:
-                raise RemoteProtocolError(_exists_reason(dir_fd, folder, stem, meta_bytes), RefuseCode.EXISTS)
+                raise RemoteProtocolError(exists_reason(f"{folder}/{stem}.data"), RefuseCode.EXISTS)
             if incoming.key in self._active:
                 raise RemoteProtocolError(f"{folder}/{stem} is being received right now", RefuseCode.BUSY)
             free = psutil.disk_usage(str(incoming.data_path.parent)).free - self.reserved()

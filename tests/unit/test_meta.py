@@ -564,23 +564,49 @@ def test_issue_datetime_keeps_one_senders_datetimes_distinct(tmp_path: Path) -> 
     assert stat.S_IMODE((tmp_path / meta.CLOCK_FILE).stat().st_mode) & 0o077 == 0
 
 
-def test_issue_datetime_ignores_a_clock_far_ahead_or_unreadable(tmp_path: Path) -> None:
+def test_issue_datetime_follows_a_clock_ahead_and_restarts_a_damaged_one(tmp_path: Path) -> None:
+    """A clock far ahead is still followed (a day's reset could hand out a datetime twice after a
+    long bulk run); a damaged one starts again from now."""
     now = dt.datetime(2026, 11, 26, 17, 45, 3)
-    (tmp_path / meta.CLOCK_FILE).write_text(meta.now_string(now + dt.timedelta(days=3)) + "\n")
-    assert meta.issue_datetime(tmp_path, now) == now
+    ahead = now + dt.timedelta(days=3)
+    (tmp_path / meta.CLOCK_FILE).write_text(meta.now_string(ahead) + "\n")
+    assert meta.issue_datetime(tmp_path, now) == ahead + dt.timedelta(seconds=1)
     (tmp_path / meta.CLOCK_FILE).write_bytes(b"\xff not a date")
     assert meta.issue_datetime(tmp_path, now) == now
     assert meta.issue_datetime(tmp_path, now) == now + dt.timedelta(seconds=1)  # and it is rewritten
 
 
-def test_issue_datetime_without_a_home_is_now(tmp_path: Path) -> None:
-    now = dt.datetime(2026, 11, 26, 17, 45, 3)
-    assert meta.issue_datetime(tmp_path / "nobody", now) == now
-    assert meta.issue_datetime(tmp_path / "nobody", now) == now
+def test_issue_datetime_without_a_home_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        meta.issue_datetime(tmp_path / "nobody")
+    assert f"m2y keygen nobody --root {tmp_path}" in exc.value.reason and "\n" not in exc.value.reason
+    assert not (tmp_path / "nobody").exists()
 
 
-def test_issue_datetime_clock_that_cannot_be_used_is_one_line(tmp_path: Path) -> None:
-    (tmp_path / meta.CLOCK_FILE).symlink_to(tmp_path / "elsewhere")  # never followed
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_issue_datetime_clock_that_is_not_a_regular_file_is_one_line(tmp_path: Path, kind: str) -> None:
+    """Never followed, never waited on (a FIFO would block a read forever)."""
+    clock = tmp_path / meta.CLOCK_FILE
+    if kind == "symlink":
+        clock.symlink_to(tmp_path / "elsewhere")
+    elif kind == "fifo":
+        os.mkfifo(clock)
+    else:
+        clock.mkdir()
     with pytest.raises(ConfigError) as exc:
         meta.issue_datetime(tmp_path)
     assert meta.CLOCK_FILE in exc.value.reason and "\n" not in exc.value.reason
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def _issue_in_process(home: str) -> str:
+    return meta.now_string(meta.issue_datetime(Path(home), dt.datetime(2026, 11, 26, 17, 45, 3)))
+
+
+def test_issue_datetime_is_distinct_across_processes_at_once(tmp_path: Path) -> None:
+    """The lock: 24 processes asking at once for the same second all get different datetimes."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        got = pool.map(_issue_in_process, [str(tmp_path)] * 24, chunksize=1)
+    assert len(set(got)) == 24
