@@ -126,6 +126,8 @@ def cmd_meta(args: argparse.Namespace) -> int:
     from engine.crc import crc64
 
     path: Path = args.file
+    # The datetime first: it needs the sender's home, and a missing one should not cost a 20 GB read.
+    when = meta.issue_datetime(_root(args) / check_user(args.sender))  # distinct per sender: see issue_datetime
     crc, size = 0, 0
     try:
         with open(path, "rb", buffering=0) as f:
@@ -135,7 +137,6 @@ def cmd_meta(args: argparse.Namespace) -> int:
                 size += n
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    when = meta.issue_datetime(_root(args) / check_user(args.sender))  # distinct per sender: see issue_datetime
     fields = meta.make(args.sender, args.recipient, args.folder, path.name, size, crc, when)
     out = meta.meta_path_for(path)
     meta.write_meta_file(out, fields)

@@ -238,8 +238,8 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
             if isinstance(event, RefusedEvent) and event.code == RefuseCode.BAD_CRC:
                 # Usually the file is not the one its .meta describes; the server's reason says
                 # which check failed, and only the user knows whether the change was meant.
-                hint = (f" (if {p.data_path.name} was changed on purpose since its .meta was written, "
-                        "run 'm2y meta' again)")
+                hint = (f" (if {_printable(p.data_path.name)} was changed on purpose since its .meta was "
+                        "written, run 'm2y meta' again)")
             raise _refused(event, hint)
         ack_size, ack_crc = cipher.open_ack(event.sealed)
         if (ack_size, ack_crc) != (filesize, crc):
@@ -257,7 +257,7 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
     index = 0
 
     async def send_oldest() -> None:
-        slot, _crc, _plain_len = await ring.result()  # sealing takes no CRC
+        slot, _, _ = await ring.result()  # sealing takes no CRC: only the slot matters
         first, count = queued.popleft()
         await ch.send(Blocks(first, count, ring.frames(slot)[: frames_size(filesize, first, count)]))
         free.append(slot)

@@ -1,7 +1,9 @@
 """Transfer metadata: the JSON the sender writes (.meta), checks on it, and the server's reply.
 
 metaCRC is the CRC-64/XZ of the canonical JSON of every other field: keys sorted,
-separators "," and ":", UTF-8, no escaping of non-ASCII (docs/protocol.md §4).
+separators "," and ":", UTF-8, no escaping of non-ASCII (docs/protocol.md §4). The datetime of a
+new .meta comes from the sender's clock file (``issue_datetime``), so that one sender's files
+never share a name on the server.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import re
 import secrets
 import stat
+import time
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -149,6 +152,24 @@ def now_string(when: _dt.datetime | None = None) -> str:
 CLOCK_FILE = ".meta-clock"  # in the sender's home: the last datetime `m2y meta` gave this sender
 
 
+CLOCK_LOCK_WAIT = 10.0  # seconds
+
+
+def _lock(fd: int, path: Path) -> None:
+    """Take the clock's lock; give up with one line if another `m2y meta` holds it too long."""
+    wait = CLOCK_LOCK_WAIT
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"{path} stayed locked for {wait:g} s: another m2y meta for this sender "
+                                  "is stopped or stuck; let it finish or end it") from None
+            time.sleep(0.01)
+
+
 def issue_datetime(home: Path, now: _dt.datetime | None = None) -> _dt.datetime:
     """The datetime for a new .meta of the user whose home this is: now, or one second after the
     last one issued if that is not earlier.
@@ -172,16 +193,20 @@ def issue_datetime(home: Path, now: _dt.datetime | None = None) -> _dt.datetime:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ConfigError(f"{path} is not a regular file: remove it (m2y meta keeps the sender's datetimes there)")
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock(fd, path)
         try:
             last = _dt.datetime.strptime(os.read(fd, 64).decode("ascii").strip(), DATETIME_FORMAT)
         except (UnicodeDecodeError, ValueError):
             last = None  # empty (new) or damaged: start from now
         if last is not None and when <= last:
             when = last + _dt.timedelta(seconds=1)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.ftruncate(fd, 0)
-        os.write(fd, (now_string(when) + "\n").encode("ascii"))
+        # Written over in place (always 20 bytes), then trimmed and synced: a crash never leaves the
+        # clock empty, which would restart it from now under datetimes already handed out.
+        record = (now_string(when) + "\n").encode("ascii")
+        if os.pwrite(fd, record, 0) != len(record):
+            raise OSError(errno.EIO, "short write")
+        os.ftruncate(fd, len(record))
+        os.fsync(fd)
     except OverflowError:
         raise ConfigError(f"{path} has run to the end of the calendar: delete it") from None
     except OSError as exc:

@@ -85,7 +85,7 @@ def process_batch(
     views: list[tuple[memoryview, memoryview]] | None = None,
 ) -> int:
     """Seal or open one batch in place; opening returns the CRC-64 of the plaintext, continued
-    from ``crc``; sealing returns ``crc`` unchanged (the sender takes no CRC, see ``seal_blocks``).
+    from ``crc``; sealing returns 0 (the sender takes no CRC, see ``seal_blocks``).
 
     Plaintext block i sits at the start of frame i, so sealing writes ciphertext over it and
     appends the tag, and opening does the reverse: no second buffer and no copy (OpenSSL's
@@ -97,7 +97,7 @@ def process_batch(
         views = block_views(frames, plain_len)
     if op == ENCRYPT:
         cipher.seal_blocks(views, first)
-        return crc
+        return 0
     return cipher.open_blocks(views, first, crc)
 
 
@@ -106,7 +106,7 @@ class Ring(Protocol):
 
     depth: int
     on_failure: Callable[[M2YError], None] | None  # called as soon as a batch fails
-    chained: bool  # result() gives the CRC of everything so far (True) or of the batch alone (False)
+    chained: bool  # when opening, result() gives the CRC of everything so far (True) or of the batch alone (False)
     verified: int  # batches whose blocks all authenticated
 
     def frames(self, slot: int) -> memoryview: ...

@@ -399,8 +399,7 @@ class _Session:
             )
         if actual != fields["fileCRC"]:
             raise RemoteProtocolError(
-                f"file CRC {actual:016x} differs from the metadata's fileCRC {fields['fileCRC']:016x} "
-                "(file changed after its .meta was written?)",
+                f"file CRC {actual:016x} differs from the metadata's fileCRC {fields['fileCRC']:016x}",
                 RefuseCode.BAD_CRC,
             )
         self._watchdog.cancel()  # fsync of a large file may take longer than the idle timeout

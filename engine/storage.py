@@ -45,9 +45,11 @@ _PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST, errno.ELOOP, er
 
 
 def exists_reason(name: str) -> str:
-    """The EXISTS refusal. One answer for both cases (the same file again, its ACK lost; or another
-    file of this sender with the same datetime): telling them apart would mean comparing with the
-    stored .meta, and the request is not authenticated yet, so a stranger could test guesses."""
+    """The EXISTS refusal, ``name`` being the .data's base name (short: the advice must fit in a
+    REFUSED reason whatever the folder). One answer for both cases (the same file again, its ACK
+    lost; or another file of this sender with the same datetime): telling them apart would mean
+    comparing with the stored .meta, and the request is not authenticated yet, so a stranger
+    could test guesses."""
     return (f"{name} was already received; a finished file is never overwritten. If this is the same file, "
             "nothing to do (an earlier send's ACK may have been lost); if not, make a new .meta for it "
             "(m2y meta) to give it a new datetime")
@@ -391,7 +393,7 @@ class Storage:
             except FileNotFoundError:
                 pass
             else:
-                raise RemoteProtocolError(exists_reason(f"{folder}/{stem}.data"), RefuseCode.EXISTS)
+                raise RemoteProtocolError(exists_reason(incoming.data_path.name), RefuseCode.EXISTS)
             if incoming.key in self._active:
                 raise RemoteProtocolError(f"{folder}/{stem} is being received right now", RefuseCode.BUSY)
             free = psutil.disk_usage(str(incoming.data_path.parent)).free - self.reserved()

@@ -571,9 +571,25 @@ def test_issue_datetime_follows_a_clock_ahead_and_restarts_a_damaged_one(tmp_pat
     ahead = now + dt.timedelta(days=3)
     (tmp_path / meta.CLOCK_FILE).write_text(meta.now_string(ahead) + "\n")
     assert meta.issue_datetime(tmp_path, now) == ahead + dt.timedelta(seconds=1)
-    (tmp_path / meta.CLOCK_FILE).write_bytes(b"\xff not a date")
+    (tmp_path / meta.CLOCK_FILE).write_bytes(b"\xff not a date" * 10)
     assert meta.issue_datetime(tmp_path, now) == now
-    assert meta.issue_datetime(tmp_path, now) == now + dt.timedelta(seconds=1)  # and it is rewritten
+    assert (tmp_path / meta.CLOCK_FILE).read_bytes() == (meta.now_string(now) + "\n").encode()  # rewritten, trimmed
+    assert meta.issue_datetime(tmp_path, now) == now + dt.timedelta(seconds=1)
+
+
+def test_issue_datetime_gives_up_on_a_lock_held_too_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    monkeypatch.setattr(meta, "CLOCK_LOCK_WAIT", 0.2)
+    meta.issue_datetime(tmp_path)
+    holder = os.open(tmp_path / meta.CLOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another m2y meta, stopped while it holds the clock
+        with pytest.raises(ConfigError) as exc:
+            meta.issue_datetime(tmp_path)
+        assert "stayed locked for 0.2 s" in exc.value.reason and "\n" not in exc.value.reason
+    finally:
+        os.close(holder)
 
 
 def test_issue_datetime_without_a_home_says_how_to_make_one(tmp_path: Path) -> None:
