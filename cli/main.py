@@ -23,7 +23,7 @@ from engine.defaults import (
     MAX_WORKERS,
     default_workers,
 )
-from engine.errors import ConfigError, M2YError
+from engine.errors import ConfigError, M2YError, one_line
 from engine.users import check_user, default_root
 
 if TYPE_CHECKING:
@@ -177,9 +177,9 @@ def cmd_send(args: argparse.Namespace) -> int:
         where = f" -> {r.renamed_to.name}" if r.renamed_to else ""
         if r.ok:
             rate = r.nbytes / max(r.seconds, 1e-9) / 1e6
-            print(f"{r.meta_path.name}: ACK, {r.nbytes} bytes in {r.seconds:.2f} s ({rate:.1f} MB/s){where}")
+            print(one_line(f"{r.meta_path.name}: ACK, {r.nbytes} bytes in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"))
         else:
-            print(f"{r.meta_path.name}: FAILED: {r.message}{where}", file=sys.stderr)
+            print(one_line(f"{r.meta_path.name}: FAILED: {r.message}{where}"), file=sys.stderr)
     return 0 if results and all(r.ok for r in results) else 1
 
 
@@ -190,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command](args)
     except M2YError as exc:
-        print(f"m2y {args.command}: {exc.reason}", file=sys.stderr)
+        print(one_line(f"m2y {args.command}: {exc.reason}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -27,7 +27,7 @@ from Crypto.PublicKey import RSA
 from . import envelope, meta
 from .blocks import BlockCipher, batch_plain_size, block_count
 from .defaults import DEFAULT_BATCH, DEFAULT_TIMEOUT
-from .errors import ConfigError, M2YError, ProtocolError, RefuseCode, Refused, RemoteProtocolError
+from .errors import ConfigError, M2YError, ProtocolError, RefuseCode, Refused, RemoteProtocolError, one_line
 from .keys import load_private, load_public
 from .pool import ENCRYPT, Ring, WorkerPool, advance, make_ring
 from .protocol import (
@@ -190,14 +190,9 @@ async def _connect(host: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
-def _printable(text: str) -> str:
-    """A peer's text as one safe line: no escape sequences or line breaks reach the terminal."""
-    return "".join(c if c.isprintable() else "?" for c in text)
-
-
 def _refused(event: Event, hint: str = "") -> Refused:
     if isinstance(event, RefusedEvent):
-        return Refused(f"server refused: {_printable(event.reason)}{hint}", event.code)
+        return Refused(f"server refused: {one_line(event.reason)}{hint}", event.code)
     return Refused(f"server sent {type(event).__name__} unexpectedly", 0)
 
 
@@ -238,7 +233,7 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
             if isinstance(event, RefusedEvent) and event.code == RefuseCode.BAD_CRC:
                 # Usually the file is not the one its .meta describes; the server's reason says
                 # which check failed, and only the user knows whether the change was meant.
-                hint = (f" (if {_printable(p.data_path.name)} was changed on purpose since its .meta was "
+                hint = (f" (if {one_line(p.data_path.name)} was changed on purpose since its .meta was "
                         "written, run 'm2y meta' again)")
             raise _refused(event, hint)
         ack_size, ack_crc = cipher.open_ack(event.sealed)

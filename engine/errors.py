@@ -63,3 +63,9 @@ class Refused(M2YError):
     def __init__(self, reason: str, code: int) -> None:
         super().__init__(reason)
         self.code = code
+
+
+def one_line(text: str) -> str:
+    """Text from a peer or a file name as one safe line: no escape sequence or line break reaches
+    the terminal, so every refusal and error stays the one line the user reads."""
+    return "".join(c if c.isprintable() else "?" for c in text)

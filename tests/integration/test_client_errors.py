@@ -76,6 +76,17 @@ def test_missing_data_file(root: Path, server: ServerProcess) -> None:
     _one_line_failure(result, meta_path, "data file", "not found")
 
 
+def test_a_file_name_with_a_line_break_still_gives_one_line(root: Path, server: ServerProcess) -> None:
+    """A .meta may name any file (a line break or an escape sequence is a valid name): the error
+    stays the one line the user reads."""
+    _data, meta_path = make_file(root, 10)
+    fields = meta.read_meta_file(meta_path)
+    meta_path.write_bytes(meta.to_json(meta.with_crc(dict(fields, filename="two\nlines\x1b[31m.jpg"))))
+    result = run_send(root, server.port, meta_path)
+    line = _one_line_failure(result, meta_path, "data file", "two?lines?[31m.jpg", "not found")
+    assert "\x1b" not in line
+
+
 def test_file_size_changed(root: Path, server: ServerProcess) -> None:
     data, meta_path = make_file(root, 1000)
     data.write_bytes(os.urandom(1001))
