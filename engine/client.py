@@ -233,8 +233,8 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
             if isinstance(event, RefusedEvent) and event.code == RefuseCode.BAD_CRC:
                 # Usually the file is not the one its .meta describes; the server's reason says
                 # which check failed, and only the user knows whether the change was meant.
-                hint = (f" (if {one_line(p.data_path.name)} was changed on purpose since its .meta was "
-                        "written, run 'm2y meta' again)")
+                hint = (f" (if {p.data_path.name} was changed on purpose since its .meta was written, "
+                        "run 'm2y meta' again)")  # printed through one_line, like every local name
             raise _refused(event, hint)
         ack_size, ack_crc = cipher.open_ack(event.sealed)
         if (ack_size, ack_crc) != (filesize, crc):

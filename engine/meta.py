@@ -150,9 +150,7 @@ def now_string(when: _dt.datetime | None = None) -> str:
 
 
 CLOCK_FILE = ".meta-clock"  # in the sender's home: the last datetime `m2y meta` gave this sender
-
-
-CLOCK_LOCK_WAIT = 10.0  # seconds
+CLOCK_LOCK_WAIT = 10.0  # seconds to wait for another `m2y meta` of the same sender
 
 
 def _lock(fd: int, path: Path) -> None:

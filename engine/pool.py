@@ -5,8 +5,7 @@ segment. A slot holds one batch laid out as on the wire: each block's plaintext 
 start of its frame and is sealed (or opened) in place. The network process fills a slot
 (file -> plaintext, or socket -> frames), sends the slot *number* and a few integers to a
 worker over a pipe, and gets back the batch's CRC-64 of the plaintext when opening (or an error
-line).
-Block bytes never cross a pipe.
+line). Block bytes never cross a pipe.
 Results are consumed in submission order, so the file and the socket see the blocks
 in order however the workers finish; a transfer has at most ``depth`` batches in
 flight, which is the back-pressure that keeps memory flat whatever the file size.
