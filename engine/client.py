@@ -59,6 +59,14 @@ class Prepared:
 
 
 @dataclass
+class Sent:
+    """What the server acknowledged: ``nbytes`` durable there; ``already`` if it held them before this send."""
+
+    nbytes: int
+    already: bool = False
+
+
+@dataclass
 class Result:
     meta_path: Path
     ok: bool
@@ -66,6 +74,7 @@ class Result:
     renamed_to: Path | None = None
     nbytes: int = 0
     seconds: float = 0.0
+    already: bool = False  # the server held the file before this send (an earlier ACK was lost)
 
 
 def prepare(meta_path: Path, root: Path) -> Prepared:
@@ -197,8 +206,11 @@ def _refused(event: Event, hint: str = "") -> Refused:
 
 
 async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_TIMEOUT, batch: int = DEFAULT_BATCH,
-                   pool: WorkerPool | None = None) -> int:
-    """Send one prepared file; returns bytes sent on ACK, raises M2YError otherwise."""
+                   pool: WorkerPool | None = None) -> Sent:
+    """Send one prepared file; returns what the server acknowledged, raises M2YError otherwise.
+
+    A server that already holds this very file (an earlier send's ACK was lost) says so in its
+    REPLY; that counts as the ACK, and nothing is sent again."""
     fields = p.fields
     sent = meta.request(fields)
     from_hash, to_hash = user_hash(fields["from"]), user_hash(fields["to"])
@@ -216,7 +228,13 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
         if not isinstance(event, Reply):
             raise _refused(event)
         plain = envelope.open_(p.private_key, event.envelope, envelope.aad(envelope.REPLY, from_hash, to_hash))
-        filekey, salt = meta.check_reply(sent, plain)
+        filekey, salt, received = meta.check_reply(sent, plain)
+        if received == meta.SAME_FILE:  # the server's own word (the reply echoes our nonce): durable there
+            return Sent(int(fields["filesize"]), already=True)
+        if received == meta.OTHER_FILE:
+            raise Refused(f"the server already holds another file under this .meta's name "
+                          f"({fields['from']}_{fields['datetime']}.data) and never overwrites one: make a new "
+                          f".meta for {p.data_path.name} (m2y meta) to give it a new datetime", RefuseCode.EXISTS)
         cipher = BlockCipher(filekey, salt)
         filesize = fields["filesize"]
         ch.conn.set_filesize(filesize)
@@ -239,7 +257,7 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
         ack_size, ack_crc = cipher.open_ack(event.sealed)
         if (ack_size, ack_crc) != (filesize, crc):
             raise RemoteProtocolError("ACK names another size or CRC than what was sent")
-        return int(filesize)
+        return Sent(int(filesize))
     finally:
         sock.close()
 
@@ -305,10 +323,11 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
     async def _send_all(pool: WorkerPool | None, results: list[Result]) -> list[Result]:
         for meta_path in metas:
             started = time.monotonic()
+            already = False
             try:
                 prepared = prepare(meta_path, root)
-                nbytes = await send_one(prepared, host, port, timeout, batch, pool=pool)
-                ok, message = True, "ACK"
+                sent = await send_one(prepared, host, port, timeout, batch, pool=pool)
+                ok, message, nbytes, already = True, "ACK", sent.nbytes, sent.already
             except M2YError as exc:
                 ok, message, nbytes = False, exc.reason, 0
             except OSError as exc:
@@ -324,7 +343,7 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
                     why = exc.strerror or exc
                     ok, message = False, f"{did}, but {meta_path.name} cannot become {renamed.name}: {why}"
                     renamed = None
-            results.append(Result(meta_path, ok, message, renamed, nbytes, seconds))
+            results.append(Result(meta_path, ok, message, renamed, nbytes, seconds, already))
         return results
 
     import uvloop
@@ -333,4 +352,4 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
     return results
 
 
-__all__ = ["DEFAULT_TIMEOUT", "ProtocolError", "Result", "prepare", "send_files", "send_one"]
+__all__ = ["DEFAULT_TIMEOUT", "ProtocolError", "Result", "Sent", "prepare", "send_files", "send_one"]

@@ -57,6 +57,16 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something wrong; we refuse with ``code`` and ``reason``."""
 
 
+class AlreadyReceived(RemoteProtocolError):
+    """The name is taken by a finished .data. ``same``: its stored .meta is exactly this request,
+    so this is the same file again (an earlier ACK lost). The server says which in its REPLY,
+    sealed to the sender, not in a REFUSED a stranger could read (docs/protocol.md §4)."""
+
+    def __init__(self, reason: str, same: bool) -> None:
+        super().__init__(reason, RefuseCode.EXISTS)
+        self.same = same
+
+
 class Refused(M2YError):
     """The peer refused the transfer and told us why."""
 

@@ -35,6 +35,8 @@ MAX_FOLDER_LEN = 1024
 MAX_FILENAME_LEN = 255
 KEY_FOLDERS = ("pubkey", "privatekey")  # a sender must not plant keys the recipient then trusts
 NONCE_FIELD = "nonce"  # request only: 16 random bytes (hex) the reply must echo
+RECEIVED_FIELD = "received"  # reply only: what the server already holds under this name
+NEW, SAME_FILE, OTHER_FILE = 0, 1, 2  # its values (one digit each: the reply's length tells nothing)
 SALT_LEN = 4
 FILEKEY_LEN = 16
 
@@ -300,13 +302,15 @@ def _check_same_file(path: Path, filename: str) -> None:
         raise ConfigError(f"{path} already exists and is {what}; move it away first")
 
 
-def add_reply_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], bytes, bytes]:
-    """The server's reply: a fresh filekey and nonce salt from ``secrets``, metaCRC recomputed."""
+def add_reply_fields(fields: Mapping[str, Any], received: int = NEW) -> tuple[dict[str, Any], bytes, bytes]:
+    """The server's reply: a fresh filekey and nonce salt from ``secrets``, what the server already
+    holds under this name (``received``), metaCRC recomputed."""
     filekey = secrets.token_bytes(FILEKEY_LEN)
     salt = secrets.token_bytes(SALT_LEN)
     reply = dict(fields)
     reply["filekey"] = filekey.hex()
     reply["salt"] = salt.hex()
+    reply[RECEIVED_FIELD] = received
     return with_crc(reply), filekey, salt
 
 
@@ -326,10 +330,12 @@ def stored(fields: Mapping[str, Any]) -> dict[str, Any]:
     return with_crc({k: v for k, v in fields.items() if k != NONCE_FIELD})
 
 
-def check_reply(sent: Mapping[str, Any], data: bytes) -> tuple[bytes, bytes]:
-    """Check the reply echoes exactly what was sent plus filekey and salt; return (filekey, salt)."""
+def check_reply(sent: Mapping[str, Any], data: bytes) -> tuple[bytes, bytes, int]:
+    """Check the reply echoes exactly what was sent plus filekey, salt and received; return
+    (filekey, salt, received). Only the server that read the request's nonce can echo it, so
+    ``received`` is the server's own word, as trustworthy as an ACK."""
     fields = _load(data, "reply")
-    if not isinstance(fields, dict) or set(fields) != set(sent) | {"filekey", "salt"}:
+    if not isinstance(fields, dict) or set(fields) != set(sent) | {"filekey", "salt", RECEIVED_FIELD}:
         raise RemoteProtocolError("reply does not carry exactly the expected fields", RefuseCode.BAD_METADATA)
     if fields["metaCRC"] != meta_crc(fields):
         raise RemoteProtocolError("reply metaCRC does not match", RefuseCode.META_CRC)
@@ -343,4 +349,7 @@ def check_reply(sent: Mapping[str, Any], data: bytes) -> tuple[bytes, bytes]:
         raise RemoteProtocolError("reply filekey/salt are not hex", RefuseCode.BAD_METADATA) from None
     if len(filekey) != FILEKEY_LEN or len(salt) != SALT_LEN:
         raise RemoteProtocolError("reply filekey/salt have the wrong length", RefuseCode.BAD_METADATA)
-    return filekey, salt
+    received = fields[RECEIVED_FIELD]
+    if type(received) is not int or received not in (NEW, SAME_FILE, OTHER_FILE):
+        raise RemoteProtocolError(f"reply field {RECEIVED_FIELD!r} must be 0, 1 or 2", RefuseCode.BAD_METADATA)
+    return filekey, salt, received

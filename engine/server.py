@@ -37,7 +37,7 @@ from .defaults import (
     DEFAULT_MAX_FILE_SIZE,
     DEFAULT_PORT,
 )
-from .errors import M2YError, ProtocolError, RefuseCode, RemoteProtocolError
+from .errors import AlreadyReceived, M2YError, ProtocolError, RefuseCode, RemoteProtocolError
 from .keys import load_private, load_public
 from .pool import DECRYPT, Ring, WorkerPool, make_ring
 from .protocol import (
@@ -253,8 +253,7 @@ class _Session:
         self._watchdog = self.loop.call_later(0.05, self._check_idle)
         outcome = "?"
         try:
-            await self._transfer()
-            outcome = "ACK"
+            outcome = await self._transfer()
         except ProtocolError as exc:
             outcome = f"REFUSED {exc.code.name}: {exc.reason}"
             await self._refuse(exc.code, exc.reason)
@@ -352,7 +351,8 @@ class _Session:
             self.last_rx = loop.time()
             conn.buffer_updated(n)
 
-    async def _transfer(self) -> None:
+    async def _transfer(self) -> str:
+        """One transfer from header to ACK; returns what the log line says of it."""
         conn = self.conn
         header = await self._next()
         assert isinstance(header, Header)
@@ -370,18 +370,29 @@ class _Session:
         self.label = f"{sender} -> {recipient} {fields['folder']}/{sender}_{fields['datetime']}.data"
         self.deadline = None  # the handshake is in; what follows is the server's own work
         self.busy_here = True
+        received = meta.NEW
         try:
-            incoming = await self._off_loop(self.server.storage.begin, meta.stored(fields))
+            incoming: Incoming | None = await self._off_loop(self.server.storage.begin, meta.stored(fields))
+        except AlreadyReceived as exc:
+            incoming, received = None, meta.SAME_FILE if exc.same else meta.OTHER_FILE
         finally:
             self.busy_here = False
             self.last_rx = self.loop.time()
         self.incoming = incoming
-        reply, filekey, salt = meta.add_reply_fields(fields)
+        reply, filekey, salt = meta.add_reply_fields(fields, received)
         sealed = envelope.seal(public_key, meta.to_json(reply),
                                envelope.aad(envelope.REPLY, header.from_hash, header.to_hash))
         filesize = fields["filesize"]
         conn.set_filesize(filesize)
         await self.loop.sock_sendall(self.sock, b"".join(conn.send(ReplyEvent(sealed))))
+        if incoming is None:
+            # The name holds a finished .data. Whether it is this very file is said only inside the
+            # REPLY, which only the sender can read: to anyone else both cases look the same (no
+            # oracle for guesses of a stored file's size or CRC). Nothing more is read or sent.
+            self.deadline = None
+            if received == meta.SAME_FILE:
+                return "already received: the same file again (its ACK was lost?), answered in the REPLY"
+            return "EXISTS: the name holds another file, told to the sender in the REPLY"
         self.started = time.monotonic()
         self.deadline = (self.loop.time() + self._idle(),
                          f"no authenticated block or CRC frame within {self._idle():g} s of the reply")
@@ -416,6 +427,7 @@ class _Session:
             raise
         incoming.finish()  # on the loop: releases the name and the disk reservation
         await self.loop.sock_sendall(self.sock, b"".join(conn.send(AckEvent(cipher.seal_ack(filesize, actual)))))
+        return "ACK"
 
 
     async def _receive_blocks(self, filekey: bytes, salt: bytes, filesize: int, incoming: Incoming) -> int:

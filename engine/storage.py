@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 
 from .crc import BytesLike
-from .errors import LocalProtocolError, RefuseCode, RemoteProtocolError
+from .errors import AlreadyReceived, LocalProtocolError, RefuseCode, RemoteProtocolError
 from .meta import safe_folder
 from .pool import advance
 from .users import check_user
@@ -45,14 +45,34 @@ _PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST, errno.ELOOP, er
 
 
 def exists_reason(name: str) -> str:
-    """The EXISTS refusal, ``name`` being the .data's base name (short: the advice must fit in a
-    REFUSED reason whatever the folder). One answer for both cases (the same file again, its ACK
-    lost; or another file of this sender with the same datetime): telling them apart would mean
-    comparing with the stored .meta, and the request is not authenticated yet, so a stranger
-    could test guesses."""
-    return (f"{name} was already received; a finished file is never overwritten. If this is the same file, "
-            "nothing to do (an earlier send's ACK may have been lost); if not, make a new .meta for it "
-            "(m2y meta) to give it a new datetime")
+    """The EXISTS refusal at commit, ``name`` being the .data's base name: another transfer's .data
+    (or a file a local user put there) took the name while this one was received."""
+    return (f"{name} was already received; a finished file is never overwritten. Make a new .meta for "
+            "this file (m2y meta) to give it a new datetime")
+
+
+MAX_STORED_META = 4 << 20  # a stored .meta larger than any envelope could have made is not ours
+
+
+def _holds_same(dir_fd: int, data_name: str, meta_name: str, fields: dict[str, Any]) -> bool:
+    """Does the finished ``data_name`` hold this very file: a regular file of ``filesize`` bytes whose
+    stored .meta is exactly ``fields``? Anything unreadable or odd (a symlink, a FIFO, a .meta a
+    local user edited) is "no": the sender is then told to make a new .meta, never told "done"."""
+    try:
+        st = os.lstat(data_name, dir_fd=dir_fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != fields["filesize"]:
+            return False
+        fd = os.open(meta_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            mst = os.fstat(fd)
+            if not stat.S_ISREG(mst.st_mode) or mst.st_size > MAX_STORED_META:
+                return False
+            raw = os.read(fd, MAX_STORED_META + 1)
+        finally:
+            os.close(fd)
+        return bool(json.loads(raw.decode("utf-8")) == fields)
+    except (OSError, ValueError, RecursionError):
+        return False
 
 
 def _create_file(name: str, dir_fd: int) -> int:
@@ -338,7 +358,8 @@ class Storage:
         return sum(max(t.filesize - t.written, 0) for t in list(self._active.values()))
 
     def begin(self, fields: dict[str, Any]) -> Incoming:
-        """Check limits and names, store the .meta, open the .part. Refusals carry the reason.
+        """Check limits and names, store the .meta, open the .part. Refusals carry the reason; a name
+        that holds a finished .data raises ``AlreadyReceived``, which says whether it is this very file.
 
         Creates missing folders (never through a symlink); on any failure removes what it made
         and holds no reservation. Blocking (fsyncs): the server runs it in a thread.
@@ -377,13 +398,13 @@ class Storage:
         finally:
             os.close(home_fd)
         try:
-            self._check_and_open(incoming, folder, meta_bytes)
+            self._check_and_open(incoming, folder, meta_bytes, fields)
         except BaseException:
             incoming.abort()  # removes what this transfer made; releases only if it was registered
             raise
         return incoming
 
-    def _check_and_open(self, incoming: Incoming, folder: str, meta_bytes: bytes) -> None:
+    def _check_and_open(self, incoming: Incoming, folder: str, meta_bytes: bytes, fields: dict[str, Any]) -> None:
         dir_fd, stem = incoming.dir_fd, incoming.data_path.name.removesuffix(".data")
         with self._table:  # check and claim the name and the space in one step
             # Under the lock: a transfer of this name leaves the table only after its link, so it
@@ -393,7 +414,9 @@ class Storage:
             except FileNotFoundError:
                 pass
             else:
-                raise RemoteProtocolError(exists_reason(incoming.data_path.name), RefuseCode.EXISTS)
+                name = incoming.data_path.name
+                same = _holds_same(dir_fd, name, incoming.meta_path.name, fields)
+                raise AlreadyReceived(f"{name} was already received ({'the same' if same else 'another'} file)", same)
             if incoming.key in self._active:
                 raise RemoteProtocolError(f"{folder}/{stem} is being received right now", RefuseCode.BUSY)
             free = psutil.disk_usage(str(incoming.data_path.parent)).free - self.reserved()

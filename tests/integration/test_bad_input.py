@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -15,9 +16,9 @@ from engine import envelope, meta
 from engine.blocks import BLOCK_SIZE, TAG_LEN
 from engine.crc import crc64
 from engine.errors import RefuseCode
-from engine.keys import load_public
-from engine.protocol import Envelope, FileCRC, Header
-from engine.users import public_key_path, user_hash
+from engine.keys import load_private, load_public
+from engine.protocol import Envelope, FileCRC, Header, Reply
+from engine.users import private_key_path, public_key_path, user_hash
 
 from .helpers import (
     RawClient,
@@ -285,26 +286,63 @@ def test_same_from_datetime_never_overwrites(root: Path, server: ServerProcess) 
     meta_path.write_bytes(meta.to_json(meta.with_crc(fields2)))
     second = run_send(root, server.port, meta_path)
     assert second.returncode != 0
-    assert "was already received; a finished file is never overwritten" in second.stderr
-    assert "if not, make a new .meta for it (m2y meta)" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert "the server already holds another file under this .meta's name" in second.stderr
+    assert "make a new .meta for myfoto.jpg (m2y meta)" in second.stderr
     assert meta_path.with_suffix(".failed").exists()
     assert target(root, fields).read_bytes() == stored
+    assert "EXISTS: the name holds another file" in server.log()
     assert_still_serves(root, server)
 
 
-def test_the_same_file_again_gets_the_lost_ack_answer(root: Path, server: ServerProcess) -> None:
-    """What a sender whose ACK got lost sees when it sends again. The server does not compare with
-    the stored .meta (the request is not authenticated yet: a stranger could test guesses), so the
-    one answer names both cases."""
-    data, meta_path = make_file(root, 70_000)
+def test_the_same_file_again_is_acked_without_sending_it(root: Path, server: ServerProcess) -> None:
+    """A sender whose ACK got lost sends again: the server, which holds this very file, says so in
+    its REPLY (sealed to the sender, echoing its nonce), and the .meta becomes .done."""
+    data, meta_path = make_file(root, 3 * BLOCK_SIZE + 5)
     assert run_send(root, server.port, meta_path).returncode == 0
     fields = meta.read_meta_file(meta_path.with_suffix(".done"))
-    meta_path.with_suffix(".done").rename(meta_path)
+    meta_path.with_suffix(".done").rename(meta_path)  # as if the ACK had been lost
     again = run_send(root, server.port, meta_path)
-    assert again.returncode != 0 and len(again.stderr.strip().splitlines()) == 1
-    assert "If this is the same file, nothing to do (an earlier send's ACK may have been lost)" in again.stderr
+    assert again.returncode == 0, again.stderr
+    assert f"the server already had its {3 * BLOCK_SIZE + 5} bytes" in again.stdout
+    assert "nothing sent again" in again.stdout
+    assert meta_path.with_suffix(".done").exists() and not meta_path.exists()
     assert target(root, fields).read_bytes() == data.read_bytes()
+    assert wait_until(lambda: "already received: the same file again" in server.log())
+    assert not target(root, fields, ".part").exists()
     assert_still_serves(root, server)
+
+
+def test_a_stranger_cannot_tell_the_same_file_from_another(root: Path, server: ServerProcess) -> None:
+    """Before the first block nothing is authenticated: anyone with the recipient's public key can
+    make a request. For a taken name, "the same file" and "another file" must look alike from
+    outside: a REPLY of the same length, then the server closes. Only the sender can read which."""
+    payload, fields = payload_fields(2 * BLOCK_SIZE)
+    hs = handshake(root, server.port, fields)
+    hs.send_frames(sealed_frames(hs.cipher, payload))
+    hs.client.send_event(FileCRC(hs.cipher.seal_crc(crc64(payload))))
+    hs.client.next_event()
+    hs.client.close()
+    assert target(root, fields).read_bytes() == payload
+    seen = {}
+    for label, guess in (("same", fields), ("other", dict(fields, fileCRC=fields["fileCRC"] ^ 1)),
+                         ("other size", dict(fields, filesize=fields["filesize"] + 1))):
+        sent = meta.request(meta.with_crc(guess))
+        fh, th, env = sealed_request(root, sent)
+        with RawClient(server.port, timeout=10) as client:
+            client.send_event(Header(len(env), fh, th))
+            client.send_event(Envelope(env))
+            event = client.next_event()
+            assert isinstance(event, Reply), label
+            assert client.sock.recv(1) == b"", label  # the server closes: no refusal to read
+        plain = envelope.open_(load_private(private_key_path(root, fields["from"])), event.envelope,
+                               envelope.aad(envelope.REPLY, fh, th))
+        # The metaCRC's digits vary with the random filekey, alike whatever the answer.
+        seen[label] = len(event.envelope) - len(str(json.loads(plain)["metaCRC"]))
+        received = meta.check_reply(sent, plain)[2]  # what only the sender can read
+        assert received == (meta.SAME_FILE if label == "same" else meta.OTHER_FILE), label
+    assert len(set(seen.values())) == 1, seen
+    assert target(root, fields).read_bytes() == payload
 
 
 def test_same_transfer_twice_at_once(root: Path, server: ServerProcess) -> None:

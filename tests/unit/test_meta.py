@@ -344,12 +344,32 @@ def test_reply_round_trip() -> None:
     reply, filekey, salt = meta.add_reply_fields(sent)
     assert len(filekey) == 16 and len(salt) == 4
     assert reply["filekey"] == filekey.hex() and reply["salt"] == salt.hex()
-    assert set(reply) == {*sent, "filekey", "salt"}
+    assert set(reply) == {*sent, "filekey", "salt", "received"}
+    assert reply["received"] == 0
     assert {k: reply[k] for k in sent if k != "metaCRC"} == {k: v for k, v in sent.items() if k != "metaCRC"}
     assert reply["metaCRC"] == reference_crc64(oracle_canonical(reply))
-    assert meta.check_reply(sent, meta.to_json(reply)) == (filekey, salt)
-    assert meta.parse(meta.to_json(reply), extra=("filekey", "salt")) == reply
+    assert meta.check_reply(sent, meta.to_json(reply)) == (filekey, salt, 0)
+    assert meta.parse(meta.to_json(reply), extra=("filekey", "salt", "received")) == reply
     assert sent == sent_fields()  # not modified in place
+
+
+@pytest.mark.parametrize("received", [meta.NEW, meta.SAME_FILE, meta.OTHER_FILE])
+def test_reply_says_what_the_server_holds(received: int) -> None:
+    sent = sent_fields()
+    reply, filekey, salt = meta.add_reply_fields(sent, received)
+    assert meta.check_reply(sent, meta.to_json(reply)) == (filekey, salt, received)
+
+
+def test_reply_length_does_not_tell_what_the_server_holds() -> None:
+    """A stranger who made the request cannot read the reply, but sees its length: it must not
+    tell "the same file" from "another file" (or from a new name). The metaCRC's digits vary with
+    the random filekey, alike for all three; everything else has one length."""
+    sent = sent_fields()
+    lengths = set()
+    for received in (0, 1, 2):
+        reply = meta.add_reply_fields(sent, received)[0]
+        lengths.add(len(meta.to_json(reply)) - len(str(reply["metaCRC"])))
+    assert len(lengths) == 1
 
 
 def test_reply_keys_are_fresh() -> None:
@@ -362,7 +382,8 @@ def test_reply_keys_are_fresh() -> None:
 
 def reply_bytes(sent: dict[str, Any], **changes: Any) -> bytes:
     """A reply built here, with ``changes`` applied before the metaCRC is computed; None deletes."""
-    reply = {k: v for k, v in sent.items() if k != "metaCRC"} | {"filekey": "ab" * 16, "salt": "cd" * 4}
+    reply = {k: v for k, v in sent.items() if k != "metaCRC"} | {"filekey": "ab" * 16, "salt": "cd" * 4,
+                                                                  "received": 0}
     for name, value in changes.items():
         if value is None:
             del reply[name]
@@ -379,7 +400,8 @@ def check_reply_refused(sent: dict[str, Any], data: bytes, code: RefuseCode) -> 
 
 def test_check_reply_accepts_independent_reply() -> None:
     sent = sent_fields()
-    assert meta.check_reply(sent, reply_bytes(sent)) == (b"\xab" * 16, b"\xcd" * 4)
+    assert meta.check_reply(sent, reply_bytes(sent)) == (b"\xab" * 16, b"\xcd" * 4, 0)
+    assert meta.check_reply(sent, reply_bytes(sent, received=1)) == (b"\xab" * 16, b"\xcd" * 4, 1)
 
 
 @pytest.mark.parametrize(
@@ -399,7 +421,8 @@ def test_check_reply_rejects_changed_field(name: str, value: Any) -> None:
     check_reply_refused(sent, reply_bytes(sent, **{name: value}), RefuseCode.BAD_METADATA)
 
 
-@pytest.mark.parametrize("changes", [{"extra": "x"}, {"filekey": None}, {"salt": None}, {"folder": None}])
+@pytest.mark.parametrize("changes", [{"extra": "x"}, {"filekey": None}, {"salt": None}, {"folder": None},
+                                     {"received": None}])
 def test_check_reply_rejects_wrong_field_set(changes: dict[str, Any]) -> None:
     sent = sent_fields()
     check_reply_refused(sent, reply_bytes(sent, **changes), RefuseCode.BAD_METADATA)
@@ -434,6 +457,13 @@ def test_check_reply_rejects_bad_key_or_salt(changes: dict[str, Any]) -> None:
     check_reply_refused(sent, reply_bytes(sent, **changes), RefuseCode.BAD_METADATA)
 
 
+@pytest.mark.parametrize("value", [3, -1, True, False, "1", 1.0, [1], {}])
+def test_check_reply_rejects_bad_received(value: Any) -> None:
+    """Only 0, 1 and 2: a true (JSON) or 1.0 must not pass for "the server has it"."""
+    sent = sent_fields()
+    check_reply_refused(sent, reply_bytes(sent, received=value), RefuseCode.BAD_METADATA)
+
+
 @pytest.mark.parametrize("data", [b"", b"nope", b"\xff", b"[]", b"null"])
 def test_check_reply_rejects_non_object(data: bytes) -> None:
     check_reply_refused(sent_fields(), data, RefuseCode.BAD_METADATA)
@@ -456,8 +486,9 @@ def test_reply_must_echo_the_nonce() -> None:
     fields = meta.make("zhenqiang", "roland-frei", "photo", "x.bin", 1, 2, when=WHEN)
     sent = meta.request(fields)
     reply, key, salt = meta.add_reply_fields(sent)
-    assert meta.check_reply(sent, meta.to_json(reply)) == (key, salt)
-    guessed, _, _ = meta.add_reply_fields(fields)  # a forger who knows every field but the nonce
+    assert meta.check_reply(sent, meta.to_json(reply)) == (key, salt, meta.NEW)
+    # A forger who knows every field but the nonce, claiming the file is already there.
+    guessed, _, _ = meta.add_reply_fields(fields, meta.SAME_FILE)
     with pytest.raises(RemoteProtocolError):
         meta.check_reply(sent, meta.to_json(guessed))
     other = meta.with_crc(dict(reply, nonce="0" * 32))

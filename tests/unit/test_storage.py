@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
-from engine.errors import ProtocolError, RefuseCode, RemoteProtocolError
+from engine.errors import AlreadyReceived, ProtocolError, RefuseCode, RemoteProtocolError
 from engine.storage import Storage
 
 DATETIME = "09-03-2024_14-05-07"
@@ -97,9 +97,10 @@ def test_begin_refuses_existing_data(root: Path) -> None:
     first = store.begin(fields(5))
     first.write(b"first")
     first.commit()
-    with pytest.raises(RemoteProtocolError) as exc:
+    with pytest.raises(AlreadyReceived) as exc:
         store.begin(fields(6))
     refusal(exc, RefuseCode.EXISTS)
+    assert exc.value.same is False  # another size: another file
     assert with_suffix(target(root), ".data").read_bytes() == b"first"
     assert not with_suffix(target(root), ".part").exists()
 
@@ -208,6 +209,72 @@ def test_commit_with_wrong_byte_count(root: Path, written: int) -> None:
     assert not with_suffix(target(root), ".data").exists()
     incoming.abort()
     assert not with_suffix(target(root), ".part").exists()
+
+
+def _received(root: Path, content: bytes = b"first") -> Storage:
+    store = Storage(root, max_file_size=MiB)
+    first = store.begin(fields(len(content)))
+    first.write(content)
+    first.commit()
+    first.finish()
+    return store
+
+
+def test_begin_tells_the_same_file_from_another(root: Path) -> None:
+    """The same request again (its ACK lost) is told apart from another file with the same name:
+    the stored .meta must be exactly the request, the .data of its size. Nothing is changed."""
+    store = _received(root)
+    stored_meta = with_suffix(target(root), ".meta").read_bytes()
+    with pytest.raises(AlreadyReceived) as exc:
+        store.begin(fields(5))
+    assert exc.value.same is True
+    assert exc.value.code is RefuseCode.EXISTS
+    for other in (dict(fields(5), fileCRC=1), dict(fields(5), filename="other.jpg"), fields(4)):
+        with pytest.raises(AlreadyReceived) as exc:
+            store.begin(other)
+        assert exc.value.same is False, other
+    assert with_suffix(target(root), ".data").read_bytes() == b"first"
+    assert with_suffix(target(root), ".meta").read_bytes() == stored_meta
+    assert not with_suffix(target(root), ".part").exists()
+    assert store.reserved() == 0
+
+
+@pytest.mark.parametrize("change", ["data-size", "meta-edited", "meta-gone", "meta-symlink", "meta-fifo",
+                                    "meta-dir", "data-symlink", "meta-not-json"])
+def test_begin_says_another_file_when_it_cannot_be_sure(root: Path, change: str) -> None:
+    """Anything odd about the finished file or its .meta means "another file" (the sender makes a
+    new .meta), never "the same" (the sender would stop sending): and no hang on a FIFO."""
+    store = _received(root)
+    data, meta_path = with_suffix(target(root), ".data"), with_suffix(target(root), ".meta")
+    good_meta = meta_path.read_bytes()
+    if change == "data-size":
+        data.write_bytes(b"firs")
+    elif change == "meta-edited":
+        meta_path.write_bytes(good_meta.replace(b'"fileCRC": 0', b'"fileCRC": 7'))
+        assert meta_path.read_bytes() != good_meta
+    elif change == "meta-gone":
+        meta_path.unlink()
+    elif change == "meta-symlink":
+        elsewhere = root / "copy.meta"
+        elsewhere.write_bytes(good_meta)
+        meta_path.unlink()
+        meta_path.symlink_to(elsewhere)
+    elif change == "meta-fifo":
+        meta_path.unlink()
+        os.mkfifo(meta_path)
+    elif change == "meta-dir":
+        meta_path.unlink()
+        meta_path.mkdir()
+    elif change == "data-symlink":
+        elsewhere = root / "copy.data"
+        elsewhere.write_bytes(b"first")
+        data.unlink()
+        data.symlink_to(elsewhere)
+    elif change == "meta-not-json":
+        meta_path.write_bytes(b"\xff" + good_meta)
+    with pytest.raises(AlreadyReceived) as exc:
+        store.begin(fields(5))
+    assert exc.value.same is False
 
 
 def test_commit_never_overwrites_data(root: Path) -> None:
