@@ -57,22 +57,30 @@ MAX_STORED_META = 4 << 20  # a stored .meta larger than any envelope could have 
 def _holds_same(dir_fd: int, data_name: str, meta_name: str, fields: dict[str, Any]) -> bool:
     """Does the finished ``data_name`` hold this very file: a regular file of ``filesize`` bytes whose
     stored .meta is exactly ``fields``? Anything unreadable or odd (a symlink, a FIFO, a .meta a
-    local user edited) is "no": the sender is then told to make a new .meta, never told "done"."""
+    local user edited) is "no": the sender is then told to make a new .meta, never told "done".
+    Both checks always run, so the time taken does not tell a stranger which one failed."""
     try:
         st = os.lstat(data_name, dir_fd=dir_fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != fields["filesize"]:
-            return False
+        data_ok = stat.S_ISREG(st.st_mode) and st.st_size == fields["filesize"]
+    except OSError:
+        data_ok = False
+    return _stored_meta(dir_fd, meta_name) == fields and data_ok
+
+
+def _stored_meta(dir_fd: int, meta_name: str) -> Any:
+    """The JSON of a stored .meta, or None if it is not a small regular file of JSON."""
+    try:
         fd = os.open(meta_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             mst = os.fstat(fd)
             if not stat.S_ISREG(mst.st_mode) or mst.st_size > MAX_STORED_META:
-                return False
+                return None
             raw = os.read(fd, MAX_STORED_META + 1)
         finally:
             os.close(fd)
-        return bool(json.loads(raw.decode("utf-8")) == fields)
+        return json.loads(raw.decode("utf-8"))
     except (OSError, ValueError, RecursionError):
-        return False
+        return None
 
 
 def _create_file(name: str, dir_fd: int) -> int:
