@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 import time
@@ -54,7 +55,7 @@ from .protocol import (
 from .protocol import Ack as AckEvent
 from .protocol import Refused as RefusedEvent
 from .protocol import Reply as ReplyEvent
-from .storage import Incoming, Storage
+from .storage import Incoming, Storage, lock_root
 from .users import check_user, user_hash
 
 log = logging.getLogger("m2y.server")
@@ -491,6 +492,8 @@ def serve(config: ServerConfig, on_listening: Any = None) -> None:
     """Run a server until SIGINT or SIGTERM; ``on_listening(server)`` is called once bound."""
     import uvloop
 
+    lock_fd = lock_root(config.root)  # held until this process exits
+
     async def main() -> None:
         server = Server(config)
         server.listen()
@@ -502,4 +505,7 @@ def serve(config: ServerConfig, on_listening: Any = None) -> None:
             on_listening(server)
         await server.serve_forever(stop)
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    finally:
+        os.close(lock_fd)

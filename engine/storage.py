@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from typing import Any
 import psutil
 
 from .crc import BytesLike
-from .errors import AlreadyReceived, LocalProtocolError, RefuseCode, RemoteProtocolError
+from .errors import AlreadyReceived, ConfigError, LocalProtocolError, RefuseCode, RemoteProtocolError
 from .meta import safe_folder
 from .pool import advance
 from .users import check_user
@@ -344,6 +345,37 @@ class Incoming:
             fd, self.dir_fd = self.dir_fd, -1
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+LOCK_NAME = ".m2y-serve.lock"
+
+
+def lock_root(root: Path) -> int:
+    """Make this process the only server of ``root`` for as long as it lives; returns the lock's fd.
+
+    The names being received live in one server's memory (``Storage._active``): a second server on
+    the same root could replace a .part the first is writing, and the first would then link the
+    second's half-written bytes to .data and ACK them. So a second server is refused at start.
+    """
+    path = root / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the server lock {path}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path} is not a regular file; remove it")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            raise ConfigError(f"another m2y serve (pid {pid}) is serving {root}; one server per root") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class Storage:

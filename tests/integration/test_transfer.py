@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -189,3 +190,24 @@ def test_keygen_command(tmp_path: Path) -> None:
     assert again.returncode != 0 and "--force" in again.stderr
     assert key.read_bytes() == before
     shutil.rmtree(root)
+
+
+def test_one_server_per_root(root: Path, server: ServerProcess) -> None:
+    """A second server on the same root would replace the first's .part files (the names being
+    received live in one process's memory): it is refused at start, in one line naming the first."""
+    second = subprocess.run([*M2Y, "serve", "--root", str(root), "--host", "127.0.0.1", "--port", "0"],
+                            capture_output=True, text=True, timeout=30)
+    assert second.returncode != 0
+    assert second.stderr.strip().splitlines() == [
+        f"m2y serve: another m2y serve (pid {server.proc.pid}) is serving {root}; one server per root"
+    ]
+    data, meta_path = make_file(root, 100_000)
+    assert run_send(root, server.port, meta_path).returncode == 0  # the first one serves on
+    assert target(root, meta.read_meta_file(meta_path.with_suffix(".done"))).read_bytes() == data.read_bytes()
+    server.stop()
+    again = start_server(root)  # the lock goes with the process that held it
+    try:
+        assert (root / ".m2y-serve.lock").read_text().strip() == str(again.proc.pid)
+        assert stat.S_IMODE((root / ".m2y-serve.lock").stat().st_mode) == 0o600
+    finally:
+        again.stop()
