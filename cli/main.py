@@ -176,8 +176,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     for r in results:
         where = f" -> {r.renamed_to.name}" if r.renamed_to else ""
         if r.ok and r.already:
-            print(one_line(f"{r.meta_path.name}: ACK, the server already had its {r.nbytes} bytes "
-                           f"(an earlier send's ACK was lost); nothing sent again{where}"))
+            print(one_line(f"{r.meta_path.name}: ACK, the server already holds these {r.nbytes} bytes from an "
+                           f"earlier send (whose ACK did not arrive); nothing sent again{where}"))
         elif r.ok:
             rate = r.nbytes / max(r.seconds, 1e-9) / 1e6
             print(one_line(f"{r.meta_path.name}: ACK, {r.nbytes} bytes in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"))

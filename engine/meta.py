@@ -335,6 +335,9 @@ def check_reply(sent: Mapping[str, Any], data: bytes) -> tuple[bytes, bytes, int
     (filekey, salt, received). Only the server that read the request's nonce can echo it, so
     ``received`` is the server's own word, as trustworthy as an ACK."""
     fields = _load(data, "reply")
+    if isinstance(fields, dict) and set(fields) == set(sent) | {"filekey", "salt"}:
+        raise RemoteProtocolError(f"the server's reply has no {RECEIVED_FIELD!r} field: it runs an older m2y; "
+                                  "update it", RefuseCode.BAD_METADATA)
     if not isinstance(fields, dict) or set(fields) != set(sent) | {"filekey", "salt", RECEIVED_FIELD}:
         raise RemoteProtocolError("reply does not carry exactly the expected fields", RefuseCode.BAD_METADATA)
     if fields["metaCRC"] != meta_crc(fields):

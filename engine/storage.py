@@ -52,7 +52,7 @@ def exists_reason(name: str) -> str:
             "this file (m2y meta) to give it a new datetime")
 
 
-MAX_STORED_META = 4 << 20  # a stored .meta larger than any envelope could have made is not ours
+MAX_STORED_META = 64 << 10  # real ones are under ~2 KiB (folder <= 1024 bytes, filename <= 255)
 
 
 def _holds_same(dir_fd: int, data_name: str, meta_name: str, fields: dict[str, Any]) -> bool:
@@ -65,22 +65,37 @@ def _holds_same(dir_fd: int, data_name: str, meta_name: str, fields: dict[str, A
         data_ok = stat.S_ISREG(st.st_mode) and st.st_size == fields["filesize"]
     except OSError:
         data_ok = False
-    return _stored_meta(dir_fd, meta_name) == fields and data_ok
+    stored = _stored_meta(dir_fd, meta_name)
+    return _exact(stored) == _exact(fields) and data_ok
+
+
+def _exact(value: Any) -> str:
+    """JSON text with sorted keys: unlike ``==``, tells 5 from 5.0 and 1 from true."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 def _stored_meta(dir_fd: int, meta_name: str) -> Any:
     """The JSON of a stored .meta, or None if it is not a small regular file of JSON."""
+    raw = _stored_bytes(dir_fd, meta_name)
+    try:
+        return None if raw is None else json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _stored_bytes(dir_fd: int, meta_name: str) -> bytes | None:
+    """The bytes of a stored .meta, or None if it is not a small regular file (never follows a
+    symlink, never blocks on a FIFO)."""
     try:
         fd = os.open(meta_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             mst = os.fstat(fd)
             if not stat.S_ISREG(mst.st_mode) or mst.st_size > MAX_STORED_META:
                 return None
-            raw = os.read(fd, MAX_STORED_META + 1)
+            return os.read(fd, MAX_STORED_META + 1)
         finally:
             os.close(fd)
-        return json.loads(raw.decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
+    except OSError:
         return None
 
 
@@ -197,6 +212,7 @@ class Incoming:
     created: list[str] = field(default_factory=list, repr=False)  # folders made by this transfer, shallow first
     dir_fd: int = field(default=-1, repr=False)
     meta_ours: bool = field(default=False, repr=False)
+    meta_bytes: bytes = field(default=b"", repr=False)  # what this transfer wrote as its .meta
     tmp_ours: bool = field(default=False, repr=False)
     part_ours: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -236,7 +252,10 @@ class Incoming:
                 os.link(self.part_path.name, self.data_path.name, src_dir_fd=self.dir_fd,
                         dst_dir_fd=self.dir_fd, follow_symlinks=False)
             except FileExistsError:
-                self.meta_ours = False  # the .meta now describes the .data that is there
+                # A .data that is not ours took the name. Our .meta describes our bytes, not those:
+                # abort() removes it, so that no later request is told "the same file" of them. A
+                # .meta someone wrote with that .data is theirs and stays.
+                self.meta_ours = _stored_bytes(self.dir_fd, self.meta_path.name) == self.meta_bytes
                 raise RemoteProtocolError(exists_reason(self.data_path.name), RefuseCode.EXISTS) from None
             self.linked = True
             try:
@@ -263,6 +282,13 @@ class Incoming:
             os.unlink(self.data_path.name, dir_fd=self.dir_fd)
         except OSError as exc:
             log.warning("%s: cannot undo after a failed commit: %s", self.data_path, exc.strerror or exc)
+            # The .data stays, perhaps not durable: without its .meta no request is told it holds
+            # "the same file" (the sender makes a new .meta instead).
+            try:
+                os.unlink(self.meta_path.name, dir_fd=self.dir_fd)
+                self.meta_ours = False
+            except OSError as exc2:
+                log.warning("%s: cannot remove it either: %s", self.meta_path, exc2.strerror or exc2)
             return
         self.linked = False  # abort() now removes the .meta and .part as for any failed transfer
         with contextlib.suppress(OSError):
@@ -447,8 +473,11 @@ class Storage:
     def _check_and_open(self, incoming: Incoming, folder: str, meta_bytes: bytes, fields: dict[str, Any]) -> None:
         dir_fd, stem = incoming.dir_fd, incoming.data_path.name.removesuffix(".data")
         with self._table:  # check and claim the name and the space in one step
-            # Under the lock: a transfer of this name leaves the table only after its link, so it
-            # is either seen here (.data) or still active (BUSY below), never neither.
+            # Under the lock, and BUSY first: a transfer of this name leaves the table only once its
+            # commit is durable or undone (finish/abort), so a .data seen here is never one whose
+            # link or folder fsync is still under way (that could be vouched for, then undone).
+            if incoming.key in self._active:
+                raise RemoteProtocolError(f"{folder}/{stem} is being received right now", RefuseCode.BUSY)
             try:
                 os.lstat(incoming.data_path.name, dir_fd=dir_fd)
             except FileNotFoundError:
@@ -457,8 +486,6 @@ class Storage:
                 name = incoming.data_path.name
                 same = _holds_same(dir_fd, name, incoming.meta_path.name, fields)
                 raise AlreadyReceived(f"{name} was already received ({'the same' if same else 'another'} file)", same)
-            if incoming.key in self._active:
-                raise RemoteProtocolError(f"{folder}/{stem} is being received right now", RefuseCode.BUSY)
             free = psutil.disk_usage(str(incoming.data_path.parent)).free - self.reserved()
             if incoming.filesize > free:
                 raise RemoteProtocolError(
@@ -475,7 +502,7 @@ class Storage:
         finally:
             os.close(fd)
         os.replace(tmp, incoming.meta_path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        incoming.tmp_ours, incoming.meta_ours = False, True
+        incoming.tmp_ours, incoming.meta_ours, incoming.meta_bytes = False, True, meta_bytes
         os.fsync(dir_fd)
         incoming.fd = _create_file(incoming.part_path.name, dir_fd)
         incoming.part_ours = True

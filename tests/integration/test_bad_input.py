@@ -304,7 +304,7 @@ def test_the_same_file_again_is_acked_without_sending_it(root: Path, server: Ser
     meta_path.with_suffix(".done").rename(meta_path)  # as if the ACK had been lost
     again = run_send(root, server.port, meta_path)
     assert again.returncode == 0, again.stderr
-    assert f"the server already had its {3 * BLOCK_SIZE + 5} bytes" in again.stdout
+    assert f"the server already holds these {3 * BLOCK_SIZE + 5} bytes from an earlier send" in again.stdout
     assert "nothing sent again" in again.stdout
     assert meta_path.with_suffix(".done").exists() and not meta_path.exists()
     assert target(root, fields).read_bytes() == data.read_bytes()

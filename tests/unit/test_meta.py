@@ -457,6 +457,12 @@ def test_check_reply_rejects_bad_key_or_salt(changes: dict[str, Any]) -> None:
     check_reply_refused(sent, reply_bytes(sent, **changes), RefuseCode.BAD_METADATA)
 
 
+def test_check_reply_names_an_older_server() -> None:
+    sent = sent_fields()
+    with pytest.raises(RemoteProtocolError, match="runs an older m2y"):
+        meta.check_reply(sent, reply_bytes(sent, received=None))
+
+
 @pytest.mark.parametrize("value", [3, -1, True, False, "1", 1.0, [1], {}])
 def test_check_reply_rejects_bad_received(value: Any) -> None:
     """Only 0, 1 and 2: a true (JSON) or 1.0 must not pass for "the server has it"."""

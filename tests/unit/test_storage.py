@@ -97,6 +97,7 @@ def test_begin_refuses_existing_data(root: Path) -> None:
     first = store.begin(fields(5))
     first.write(b"first")
     first.commit()
+    first.finish()
     with pytest.raises(AlreadyReceived) as exc:
         store.begin(fields(6))
     refusal(exc, RefuseCode.EXISTS)
@@ -237,6 +238,18 @@ def test_begin_tells_the_same_file_from_another(root: Path) -> None:
     assert with_suffix(target(root), ".meta").read_bytes() == stored_meta
     assert not with_suffix(target(root), ".part").exists()
     assert store.reserved() == 0
+
+
+def test_the_same_file_means_the_same_json_types(root: Path) -> None:
+    """5.0 == 5 and True == 1 in Python; in a stored .meta they are an edit, so "another file"."""
+    store = _received(root)
+    meta_path = with_suffix(target(root), ".meta")
+    meta_path.write_text(meta_path.read_text(encoding="utf-8").replace('"filesize": 5', '"filesize": 5.0'),
+                         encoding="utf-8")
+    assert '"filesize": 5.0' in meta_path.read_text(encoding="utf-8")
+    with pytest.raises(AlreadyReceived) as exc:
+        store.begin(fields(5))
+    assert exc.value.same is False
 
 
 @pytest.mark.parametrize("change", ["data-size", "meta-edited", "meta-gone", "meta-symlink", "meta-fifo",
@@ -449,6 +462,42 @@ def test_begin_fsyncs_meta_and_new_folders(root: Path, monkeypatch: pytest.Monke
     incoming.abort()
 
 
+def test_a_name_whose_commit_is_under_way_is_busy(root: Path) -> None:
+    """Linked but not yet finished (the folder fsync may still fail and undo the link): a resend of
+    the same file must not be told "the same file, already received" (the sender would take it
+    as an ACK for bytes that may never be durable). It is BUSY until the commit is done."""
+    store = Storage(root, max_file_size=MiB)
+    first = store.begin(fields(5))
+    first.write(b"first")
+    first.commit()  # on the server: in a thread; finish() follows on the loop
+    with pytest.raises(RemoteProtocolError) as exc:
+        store.begin(fields(5))
+    refusal(exc, RefuseCode.BUSY)
+    first.finish()
+    with pytest.raises(AlreadyReceived) as exc2:
+        store.begin(fields(5))
+    assert exc2.value.same is True
+
+
+def test_commit_link_exists_removes_our_meta(root: Path) -> None:
+    """A .data that is not ours took the name: our .meta must go, or a resend of our request would
+    be told "the same file" of bytes we never wrote."""
+    store = Storage(root, max_file_size=MiB)
+    incoming = store.begin(fields(5))
+    incoming.write(b"ours!")
+    stem = target(root)
+    with_suffix(stem, ".data").write_bytes(b"THEIR")  # same size, appeared while we were receiving
+    with pytest.raises(RemoteProtocolError) as exc:
+        incoming.commit()
+    refusal(exc, RefuseCode.EXISTS)
+    incoming.abort()
+    assert with_suffix(stem, ".data").read_bytes() == b"THEIR"
+    assert not with_suffix(stem, ".meta").exists()
+    with pytest.raises(AlreadyReceived) as exc2:
+        store.begin(fields(5))
+    assert exc2.value.same is False
+
+
 def test_commit_link_exists_keeps_existing_data_and_its_meta(root: Path) -> None:
     store = Storage(root, max_file_size=MiB)
     incoming = store.begin(fields(8))
@@ -476,12 +525,14 @@ def _fail_after_link(monkeypatch: pytest.MonkeyPatch, failing: str) -> list[bool
         linked[0] = True
 
     def fsync(fd: int) -> None:
-        if linked[0] and failing == "dir fsync":
+        if linked[0] and failing in ("dir fsync", "dir fsync and undo"):
             raise OSError(5, "Input/output error")
         real_fsync(fd)
 
     def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
         if linked[0] and failing == "unlink part" and str(path).endswith(".part"):
+            raise OSError(5, "Input/output error")
+        if linked[0] and failing == "dir fsync and undo" and str(path).endswith(".data"):
             raise OSError(5, "Input/output error")
         real_unlink(path, *args, **kwargs)
 
@@ -489,6 +540,27 @@ def _fail_after_link(monkeypatch: pytest.MonkeyPatch, failing: str) -> list[bool
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "unlink", unlink)
     return linked
+
+
+def test_an_undo_that_fails_leaves_no_meta_to_vouch_for_the_data(root: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder fsync after the link fails and so does unlinking the .data: that .data may not be
+    durable, so its .meta goes, and a resend is told "another file" (make a new .meta), never
+    "the same file" (which the sender would take as an ACK)."""
+    store = Storage(root, max_file_size=MiB)
+    incoming = store.begin(fields(4))
+    incoming.write(b"lost")
+    _fail_after_link(monkeypatch, "dir fsync and undo")
+    with pytest.raises(ProtocolError) as exc:
+        incoming.commit()
+    monkeypatch.undo()
+    assert exc.value.code is RefuseCode.INTERNAL
+    incoming.abort()
+    stem = target(root)
+    assert with_suffix(stem, ".data").exists() and not with_suffix(stem, ".meta").exists()
+    with pytest.raises(AlreadyReceived) as again:
+        store.begin(fields(4))
+    assert again.value.same is False
 
 
 def test_unlink_part_failing_after_link_still_commits(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -572,13 +644,15 @@ def test_a_name_committed_between_check_and_claim_is_refused(root: Path, monkeyp
     stem = target(root)
     a_meta = with_suffix(stem, ".meta").read_bytes()
     real_lstat = os.lstat
-    done = threading.Event()
+    started, done = threading.Event(), threading.Event()
 
     def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
         try:
             return real_lstat(path, *args, **kwargs)
         finally:
-            if str(path).endswith(".data") and not done.is_set():
+            if str(path).endswith(".data") and not started.is_set():
+                started.set()
+
                 def finish_a() -> None:
                     try:
                         a.commit()
@@ -594,7 +668,11 @@ def test_a_name_committed_between_check_and_claim_is_refused(root: Path, monkeyp
         b = store.begin(b_fields)
         b.abort()
     monkeypatch.undo()
-    assert done.wait(10)
+    if started.is_set():
+        assert done.wait(10)
+    else:  # B was refused BUSY before it looked for a .data: A is still receiving
+        a.commit()
+        a.finish()
     assert exc.value.code in (RefuseCode.BUSY, RefuseCode.EXISTS), exc.value.reason
     assert with_suffix(stem, ".meta").read_bytes() == a_meta
     assert with_suffix(stem, ".data").read_bytes() == b"aaaa"
