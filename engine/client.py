@@ -18,6 +18,7 @@ import socket
 import struct
 import termios
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 from Crypto.PublicKey import RSA
 
 from . import envelope, meta
-from .blocks import BlockCipher, batch_plain_size, block_count
+from .blocks import BLOCK_SIZE, BlockCipher, batch_plain_size, block_count
 from .defaults import DEFAULT_BATCH, DEFAULT_TIMEOUT
 from .errors import ConfigError, M2YError, ProtocolError, RefuseCode, Refused, RemoteProtocolError, one_line
 from .keys import load_private, load_public
@@ -205,8 +206,11 @@ def _refused(event: Event, hint: str = "") -> Refused:
     return Refused(f"server sent {type(event).__name__} unexpectedly", 0)
 
 
+Progress = Callable[[int, int], None]  # (plaintext bytes handed to the socket so far, filesize), per batch
+
+
 async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_TIMEOUT, batch: int = DEFAULT_BATCH,
-                   pool: WorkerPool | None = None) -> Sent:
+                   pool: WorkerPool | None = None, progress: Progress | None = None) -> Sent:
     """Send one prepared file; returns what the server acknowledged, raises M2YError otherwise.
 
     A server that already holds this very file (an earlier send's ACK was lost) says so in its
@@ -240,7 +244,7 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
         ch.conn.set_filesize(filesize)
         crc = fields["fileCRC"]
         try:
-            await _stream(ch, p.data_path, make_ring(pool, filekey, salt, batch), filesize, batch)
+            await _stream(ch, p.data_path, make_ring(pool, filekey, salt, batch), filesize, batch, progress)
             await ch.send(FileCRC(cipher.seal_crc(crc)))
         except (ConnectionResetError, BrokenPipeError):
             event = await ch.next(timeout=5)  # the server refused mid-file: say why
@@ -262,8 +266,9 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
         sock.close()
 
 
-async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: int) -> None:
-    """file -> slot -> (worker) -> frames -> socket, in order."""
+async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: int,
+                  progress: Progress | None = None) -> None:
+    """file -> slot -> (worker) -> frames -> socket, in order; ``progress`` hears of each batch sent."""
     free = list(range(ring.depth))
     queued: collections.deque[tuple[int, int]] = collections.deque()  # (first block, count) per batch
     total = block_count(filesize)
@@ -274,6 +279,8 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
         first, count = queued.popleft()
         await ch.send(Blocks(first, count, ring.frames(slot)[: frames_size(filesize, first, count)]))
         free.append(slot)
+        if progress is not None:
+            progress(min((first + count) * BLOCK_SIZE, filesize), filesize)
 
     try:
         with open(path, "rb", buffering=0) as f:
@@ -299,6 +306,21 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
         ring.close()
 
 
+def _lazy(factory: Callable[[Path, int], Progress] | None, meta_path: Path) -> Progress | None:
+    """A Progress made on its first call: a file the server already holds, or one refused before its
+    first batch, never shows a bar."""
+    if factory is None:
+        return None
+    made: list[Progress] = []
+
+    def report(done: int, total: int) -> None:
+        if not made:
+            made.append(factory(meta_path, total))
+        made[0](done, total)
+
+    return report
+
+
 def _final_name(meta_path: Path, suffix: str) -> Path:
     if meta_path.suffix == ".meta":
         return meta_path.with_suffix(suffix)
@@ -306,8 +328,11 @@ def _final_name(meta_path: Path, suffix: str) -> Path:
 
 
 def send_files(metas: list[Path], root: Path, host: str, port: int,
-               timeout: float = DEFAULT_TIMEOUT, workers: int = 0, batch: int = DEFAULT_BATCH) -> list[Result]:
-    """Send each .meta in turn; rename it .done on ACK, .failed otherwise."""
+               timeout: float = DEFAULT_TIMEOUT, workers: int = 0, batch: int = DEFAULT_BATCH,
+               progress: Callable[[Path, int], Progress] | None = None) -> list[Result]:
+    """Send each .meta in turn; rename it .done on ACK, .failed otherwise. ``progress(meta_path,
+    filesize)``, if given, is called once a file's first batch is sent and returns what hears of
+    each batch of it."""
 
     async def run() -> list[Result]:
         results: list[Result] = []
@@ -326,7 +351,8 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
             already = False
             try:
                 prepared = prepare(meta_path, root)
-                sent = await send_one(prepared, host, port, timeout, batch, pool=pool)
+                sent = await send_one(prepared, host, port, timeout, batch, pool=pool,
+                                      progress=_lazy(progress, meta_path))
                 ok, message, nbytes, already = True, "ACK", sent.nbytes, sent.already
             except M2YError as exc:
                 ok, message, nbytes = False, exc.reason, 0

@@ -211,3 +211,24 @@ def test_one_server_per_root(root: Path, server: ServerProcess) -> None:
         assert stat.S_IMODE((root / ".m2y-serve.lock").stat().st_mode) == 0o600
     finally:
         again.stop()
+
+
+def test_progress_bar(root: Path, server: ServerProcess) -> None:
+    """--progress draws one bar per file on stderr, ending at 100% of the file's size; without it (and
+    stderr not a terminal, as here) stderr stays empty; a file the server already holds gets no bar."""
+    size = 5 * 1024 * 1024 + 3
+    data, meta_path = make_file(root, size)
+    shown = run_send(root, server.port, meta_path, extra=("--progress",))
+    assert target(root, meta.read_meta_file(meta_path.with_suffix(".done"))).read_bytes() == data.read_bytes()
+    assert shown.returncode == 0, shown.stderr
+    frames = [f.strip() for f in shown.stderr.replace("\r", "\n").splitlines() if f.strip()]
+    assert frames and frames[-1].startswith("myfoto.meta: 100%"), shown.stderr
+    assert f"{size / 1e6:.2f}M/{size / 1e6:.2f}M" in frames[-1]
+    assert shown.stdout.startswith(f"myfoto.meta: ACK, {size} bytes")
+    meta_path.with_suffix(".done").rename(meta_path)
+    again = run_send(root, server.port, meta_path, extra=("--progress",))
+    assert again.returncode == 0 and again.stderr == "", again.stderr  # nothing sent: no bar
+    data2, meta2 = make_file(root, 70_000, name="other.bin")
+    quiet = run_send(root, server.port, meta2)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert target(root, meta.read_meta_file(meta2.with_suffix(".done"))).read_bytes() == data2.read_bytes()
