@@ -55,7 +55,7 @@ from .protocol import (
 from .protocol import Ack as AckEvent
 from .protocol import Refused as RefusedEvent
 from .protocol import Reply as ReplyEvent
-from .storage import Incoming, Storage, lock_root
+from .storage import Incoming, Storage, lock_root, sweep_leftovers
 from .users import check_user, user_hash
 
 log = logging.getLogger("m2y.server")
@@ -493,6 +493,13 @@ def serve(config: ServerConfig, on_listening: Any = None) -> None:
     import uvloop
 
     lock_fd = lock_root(config.root)  # held until this process exits
+    try:
+        removed = sweep_leftovers(config.root)  # no transfer can be under way: none is listening yet
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    for path, size in removed:
+        log.info("removed %s (%d B), left by a transfer a crash cut short", path, size)
 
     async def main() -> None:
         server = Server(config)

@@ -23,6 +23,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -402,6 +403,56 @@ def lock_root(root: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+_LEFTOVER = re.compile(r"(?P<tmp>\.)?(?P<stem>[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}"
+                       r"_[0-9]{2}-[0-9]{2}-[0-9]{4}_[0-9]{2}-[0-9]{2}-[0-9]{2})(?(tmp)\.meta\.tmp|\.part)\Z")
+
+
+def sweep_leftovers(root: Path) -> list[tuple[str, int]]:
+    """Remove what transfers cut short by a crash left under each user's home: ``.part`` files, the
+    ``.meta`` such a transfer wrote (only when no ``.data`` of that name exists), and ``.meta``
+    temp files. Returns (path, bytes) of each file removed.
+
+    Run only with the root's lock held and before listening: then no transfer is under way, so
+    every ``.part`` is a leftover. Never follows a symlink (fwalk, unlink relative to each folder).
+    """
+    removed: list[tuple[str, int]] = []
+    try:
+        homes = sorted(os.listdir(root))
+    except OSError:
+        return removed
+    for home in homes:
+        try:
+            check_user(home)
+        except ConfigError:
+            continue
+        for top, dirs, files, dir_fd in os.fwalk(root / home, follow_symlinks=False):
+            if Path(top) == root / home:
+                dirs[:] = [d for d in dirs if d not in ("pubKey", "privateKey")]
+            names = set(files)
+            for name in files:
+                m = _LEFTOVER.match(name)
+                if m is None:
+                    continue
+                gone = [name]
+                stem = m.group("stem")
+                if not m.group("tmp") and f"{stem}.meta" in names and f"{stem}.data" not in names:
+                    gone.append(f"{stem}.meta")
+                for victim in gone:
+                    try:
+                        st = os.lstat(victim, dir_fd=dir_fd)
+                        if not stat.S_ISREG(st.st_mode):
+                            break
+                        os.unlink(victim, dir_fd=dir_fd)
+                    except OSError as exc:
+                        log.warning("cannot remove leftover %s/%s: %s", top, victim, exc.strerror or exc)
+                        break
+                    removed.append((f"{top}/{victim}", st.st_size))
+            if any(_LEFTOVER.match(n) for n in files):
+                with contextlib.suppress(OSError):
+                    os.fsync(dir_fd)
+    return removed
 
 
 class Storage:

@@ -16,10 +16,25 @@ from pathlib import Path
 import pytest
 
 from engine import meta
+from engine.blocks import BLOCK_SIZE
+from engine.crc import crc64
 from engine.errors import RefuseCode
+from engine.protocol import Ack, FileCRC
 from engine.users import user_hash
 
-from .helpers import M2Y, RawClient, ServerProcess, make_file, run_send, start_server, target, wait_until
+from .helpers import (
+    M2Y,
+    RawClient,
+    ServerProcess,
+    handshake,
+    make_file,
+    payload_fields,
+    run_send,
+    sealed_frames,
+    start_server,
+    target,
+    wait_until,
+)
 
 
 def _check_received(root: Path, data: Path, meta_path: Path) -> None:
@@ -232,3 +247,34 @@ def test_progress_bar(root: Path, server: ServerProcess) -> None:
     quiet = run_send(root, server.port, meta2)
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert target(root, meta.read_meta_file(meta2.with_suffix(".done"))).read_bytes() == data2.read_bytes()
+
+
+def test_server_start_removes_what_a_crash_left(root: Path) -> None:
+    """A server killed mid-file leaves its .part and .meta; the next start removes them (and says
+    so), and the same file then goes through."""
+    payload, fields = payload_fields(8 * BLOCK_SIZE)
+    server = start_server(root)
+    try:
+        hs = handshake(root, server.port, fields)
+        hs.client.sendall(sealed_frames(hs.cipher, payload)[: 5 * (BLOCK_SIZE + 16)])  # 5 blocks of 8
+        part = target(root, fields, ".part")  # made with the .meta before the REPLY
+        assert part.exists()
+        server.proc.kill()  # a crash: nothing is cleaned up
+        server.proc.wait(10)
+        hs.client.close()
+    finally:
+        server.stop()
+    assert part.exists() and target(root, fields, ".meta").exists()
+    again = start_server(root)
+    try:
+        assert not part.exists() and not target(root, fields, ".meta").exists()
+        assert f"removed {part} (" in again.log()
+        hs = handshake(root, again.port, fields)
+        assert hs.received == meta.NEW
+        hs.send_frames(sealed_frames(hs.cipher, payload))
+        hs.client.send_event(FileCRC(hs.cipher.seal_crc(crc64(payload))))
+        assert isinstance(hs.client.next_event(), Ack)
+        hs.client.close()
+        assert target(root, fields).read_bytes() == payload
+    finally:
+        again.stop()

@@ -820,3 +820,64 @@ def test_concurrent_begins_in_threads_claim_a_name_once(root: Path) -> None:
     assert len(won) == 1 and len(busy) == 7
     assert set(busy) <= {RefuseCode.BUSY}
     assert with_suffix(target(root), ".part").exists()
+
+
+def test_sweep_removes_what_a_crash_left_and_nothing_else(root: Path) -> None:
+    from engine.storage import sweep_leftovers
+
+    home = root / "roland-frei"
+    photo = home / "photo" / "deep"
+    photo.mkdir(parents=True)
+    (home / "pubKey").mkdir()
+    crashed = photo / f"zhenqiang_{DATETIME}"
+    with_suffix(crashed, ".part").write_bytes(b"x" * 1000)
+    with_suffix(crashed, ".meta").write_text("{}")  # written by the transfer the crash cut short
+    linked = home / "photo" / "zhenqiang_01-01-2020_00-00-00"  # crash after the link, before the unlink
+    with_suffix(linked, ".data").write_bytes(b"done")
+    os.link(with_suffix(linked, ".data"), with_suffix(linked, ".part"))
+    with_suffix(linked, ".meta").write_text("{}")
+    tmp = home / "photo" / f".a.b_{DATETIME}.meta.tmp"
+    tmp.write_text("{")
+    kept = [
+        home / "photo" / f"alice_{DATETIME}.meta",  # a .meta alone: the .data may have been moved away
+        home / "photo" / "notes.part",  # not a name m2y gives
+        home / "photo" / f"zhenqiang_{DATETIME}.part.bak",
+        home / "pubKey" / f"x_{DATETIME}.part",  # key folders are not walked
+        root / f"zhenqiang_{DATETIME}.part",  # not under a user's home
+    ]
+    for path in kept:
+        path.write_text("keep")
+    outside = root.parent / "outside"
+    outside.mkdir()
+    (outside / f"zhenqiang_{DATETIME}.part").write_text("not ours")
+    (home / "link").symlink_to(outside)  # never followed
+    (root / "not a user").mkdir()
+    (root / "not a user" / f"zhenqiang_{DATETIME}.part").write_text("keep")
+
+    removed = dict(sweep_leftovers(root))
+
+    assert set(removed) == {str(with_suffix(crashed, ".part")), str(with_suffix(crashed, ".meta")),
+                            str(with_suffix(linked, ".part")), str(tmp)}
+    assert removed[str(with_suffix(crashed, ".part"))] == 1000
+    assert with_suffix(linked, ".data").read_bytes() == b"done" and with_suffix(linked, ".meta").exists()
+    assert all(path.read_text() == "keep" for path in kept)
+    assert (outside / f"zhenqiang_{DATETIME}.part").read_text() == "not ours"
+    assert (root / "not a user" / f"zhenqiang_{DATETIME}.part").exists()
+    assert sweep_leftovers(root) == []
+
+
+def test_sweep_then_the_same_file_is_received_again(root: Path) -> None:
+    """After a crash the sender's .meta is still there; once swept, its resend is a new transfer."""
+    from engine.storage import sweep_leftovers
+
+    store = Storage(root, max_file_size=MiB)
+    cut = store.begin(fields(5))
+    cut.write(b"fi")  # the server dies here: nothing is aborted, its descriptors just close
+    os.close(cut.fd)
+    os.close(cut.dir_fd)
+    del store
+    assert {p for p, _ in sweep_leftovers(root)} == {str(with_suffix(target(root), s)) for s in (".part", ".meta")}
+    again = Storage(root, max_file_size=MiB).begin(fields(5))
+    again.write(b"first")
+    again.commit()
+    assert with_suffix(target(root), ".data").read_bytes() == b"first"
