@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from Crypto.PublicKey import RSA
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import envelope, meta
 from .blocks import BLOCK_SIZE, BlockCipher, batch_plain_size, block_count
@@ -55,8 +55,8 @@ class Prepared:
     meta_path: Path
     fields: dict[str, Any]
     data_path: Path
-    private_key: RSA.RsaKey
-    recipient_key: RSA.RsaKey
+    private_key: rsa.RSAPrivateKey
+    recipient_key: rsa.RSAPublicKey
 
 
 @dataclass

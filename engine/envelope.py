@@ -11,10 +11,9 @@ from __future__ import annotations
 import secrets
 import struct
 
-from Crypto.Cipher import PKCS1_OAEP
-from Crypto.Hash import SHA256
-from Crypto.PublicKey import RSA
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import RefuseCode, RemoteProtocolError
@@ -24,6 +23,7 @@ REPLY = b"m2y/1 reply"
 NONCE_LEN = 12
 TAG_LEN = 16
 KEY_LEN = 16
+_OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 _CANNOT = "cannot decrypt the metadata envelope (wrong key, or not an m2y envelope)"
 
 
@@ -31,21 +31,21 @@ def aad(direction: bytes, from_hash: int, to_hash: int) -> bytes:
     return direction + struct.pack(">QQ", from_hash, to_hash)
 
 
-def seal(public_key: RSA.RsaKey, plaintext: bytes, associated: bytes) -> bytes:
+def seal(public_key: rsa.RSAPublicKey, plaintext: bytes, associated: bytes) -> bytes:
     """Encrypt ``plaintext`` so that only the holder of ``public_key``'s private half can read it."""
     key = secrets.token_bytes(KEY_LEN)
     nonce = secrets.token_bytes(NONCE_LEN)
-    wrapped = PKCS1_OAEP.new(public_key, hashAlgo=SHA256).encrypt(key)
+    wrapped = public_key.encrypt(key, _OAEP)
     return wrapped + nonce + AESGCM(key).encrypt(nonce, plaintext, associated)
 
 
-def open_(private_key: RSA.RsaKey, envelope: bytes, associated: bytes) -> bytes:
+def open_(private_key: rsa.RSAPrivateKey, envelope: bytes, associated: bytes) -> bytes:
     """Decrypt an envelope; any failure is one RemoteProtocolError (no oracle on which step failed)."""
-    k = private_key.size_in_bytes()
+    k = (private_key.key_size + 7) // 8
     if len(envelope) < k + NONCE_LEN + TAG_LEN:
         raise RemoteProtocolError(_CANNOT, RefuseCode.BAD_ENVELOPE)
     try:
-        key = PKCS1_OAEP.new(private_key, hashAlgo=SHA256).decrypt(envelope[:k])
+        key = private_key.decrypt(envelope[:k], _OAEP)
         if len(key) != KEY_LEN:
             raise ValueError("wrapped key has the wrong length")
         nonce = envelope[k : k + NONCE_LEN]

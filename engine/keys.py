@@ -1,17 +1,22 @@
-"""RSA key pairs on disk (pycryptodome): generate, write PEM, read PEM.
+"""RSA key pairs on disk (cryptography): generate, write PEM, read PEM.
 
 Private keys are created with mode 0600 from the first byte (O_CREAT with the mode,
 not chmod afterwards), so there is no window in which another user can read them.
+The files are PKCS#1 PEM (private) and SubjectPublicKeyInfo PEM (public), the formats
+pycryptodome writes too (the tests check that each library reads the other's keys).
+cryptography rather than pycryptodome: importing pycryptodome's RSA cost every ``m2y send``
+~0.15 s of start-up (perf/startup.py), for a handful of RSA operations.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
-from Crypto.IO import PEM
-from Crypto.PublicKey import RSA
-from Crypto.Util.asn1 import DerSequence
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .defaults import DEFAULT_BITS
 from .errors import ConfigError
@@ -50,14 +55,17 @@ def keygen(root: Path, user: str, bits: int = DEFAULT_BITS, force: bool = False)
     pub_path = public_key_path(root, user, user)
     if priv_path.exists() and not force:
         raise ConfigError(f"{priv_path} already exists; use --force to replace it")
-    key = RSA.generate(bits)
-    _write_new(priv_path, key.export_key("PEM"), 0o600, force)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    _write_new(priv_path, pem, 0o600, force)
     os.chmod(priv_path.parent, 0o700)
-    _write_new(pub_path, key.public_key().export_key("PEM"), 0o644, True)
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    _write_new(pub_path, pub, 0o644, True)
     return priv_path, pub_path
 
 
-def load_private(path: Path) -> RSA.RsaKey:
+def load_private(path: Path) -> rsa.RSAPrivateKey:
     try:
         data = path.read_bytes()
         mode = path.stat().st_mode & 0o777
@@ -65,41 +73,38 @@ def load_private(path: Path) -> RSA.RsaKey:
         raise ConfigError(f"private key {path} not found; create it with 'm2y keygen'") from None
     except OSError as exc:
         raise ConfigError(f"cannot read private key {path}: {exc.strerror}") from None
+    if b"PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:
+        raise ConfigError(f"{path} holds a public key, not a private one")
     try:
         key = _import_own_private(data)
-    except (ValueError, IndexError, TypeError):
+    except TypeError:
+        raise ConfigError(f"{path} is protected by a passphrase; m2y needs an unencrypted key (mode 0600)") from None
+    except (ValueError, UnsupportedAlgorithm):
         raise ConfigError(f"{path} is not a PEM RSA key") from None
-    if not key.has_private():
-        raise ConfigError(f"{path} holds a public key, not a private one")
     if mode & 0o077:
         raise ConfigError(f"private key {path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
     return key
 
 
-def _import_own_private(data: bytes) -> RSA.RsaKey:
-    """Import a PKCS#1 PEM private key without pycryptodome's primality checks of p and q.
+def _import_own_private(data: bytes) -> rsa.RSAPrivateKey:
+    """Load a PEM RSA private key without OpenSSL's primality checks of p and q, then check what is
+    cheap: n = p*q, e*d = 1 mod lcm(p-1, q-1), all in range.
 
-    Those checks cost ~0.15 s per 3072-bit key, paid by every ``m2y send``; the key is the
-    user's own 0600 file, written by ``keygen``. Other formats go through ``RSA.import_key``.
-    """
-    text = data.decode("ascii", "replace")
-    if "-----BEGIN RSA PRIVATE KEY-----" not in text:
-        return RSA.import_key(data)
-    der, _, encrypted = PEM.decode(text)
-    if encrypted:
-        return RSA.import_key(data)
-    seq = DerSequence().decode(der, nr_elements=9, only_ints_expected=True)
-    version, n, e, d, p, q = (int(seq[i]) for i in range(6))
-    if version != 0 or p * q != n or not all(1 < x < n for x in (p, q, e, d)):
+    The full check costs ~0.1 s per 3072-bit key, paid by every ``m2y send``; the key is the user's
+    own 0600 file, written by ``keygen``. Raises ValueError (not a usable RSA key) or TypeError
+    (passphrase-protected)."""
+    key = serialization.load_pem_private_key(data, password=None, unsafe_skip_rsa_key_validation=True)
+    if not isinstance(key, rsa.RSAPrivateKey):
         raise ValueError("not an RSA private key")
-    try:
-        key: RSA.RsaKey = RSA.construct((n, e, d, p, q), consistency_check=False)
-    except ArithmeticError:
-        raise ValueError("not an RSA private key") from None
+    nums = key.private_numbers()
+    n, e = nums.public_numbers.n, nums.public_numbers.e
+    p, q, d = nums.p, nums.q, nums.d
+    if p * q != n or not all(1 < x < n for x in (p, q, e, d)) or (e * d - 1) % math.lcm(p - 1, q - 1):
+        raise ValueError("not an RSA private key")
     return key
 
 
-def load_public(path: Path) -> RSA.RsaKey:
+def load_public(path: Path) -> rsa.RSAPublicKey:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -108,12 +113,15 @@ def load_public(path: Path) -> RSA.RsaKey:
         ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read public key {path}: {exc.strerror}") from None
+    if b"PRIVATE KEY-----" in data:
+        raise ConfigError(f"{path} holds a private key: copy the peer's pubKey/<name>.data there, never a private key")
     try:
-        key = RSA.import_key(data)
-    except (ValueError, IndexError, TypeError):
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
         raise ConfigError(f"{path} is not a PEM RSA key") from None
-    public: RSA.RsaKey = key.public_key()
-    return public
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ConfigError(f"{path} is not a PEM RSA key")
+    return key
 
 
 def share_public(root: Path, owner: str, peer: str) -> Path:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from Crypto.PublicKey import RSA
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import envelope, meta
 from .blocks import BlockCipher, batch_plain_size
@@ -89,12 +89,12 @@ class KeyRing:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.users: dict[int, tuple[str, RSA.RsaKey]] = {}
-        self._cache: dict[Path, tuple[tuple[int, int, int], RSA.RsaKey]] = {}
+        self.users: dict[int, tuple[str, rsa.RSAPrivateKey]] = {}
+        self._cache: dict[Path, tuple[tuple[int, int, int], rsa.RSAPrivateKey | rsa.RSAPublicKey]] = {}
         self._scanned = -1e9
         self.scan()
 
-    def _load(self, path: Path, private: bool) -> RSA.RsaKey | None:
+    def _load(self, path: Path, private: bool) -> rsa.RSAPrivateKey | rsa.RSAPublicKey | None:
         try:
             st = path.stat()
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -110,7 +110,7 @@ class KeyRing:
 
     def scan(self) -> None:
         self._scanned = time.monotonic()
-        users = {}
+        users: dict[int, tuple[str, rsa.RSAPrivateKey]] = {}
         if self.root.is_dir():
             for home in sorted(self.root.iterdir()):
                 try:
@@ -118,11 +118,12 @@ class KeyRing:
                 except M2YError:
                     continue
                 path = home / "privateKey" / f"{name}.data"
-                if path.is_file() and (key := self._load(path, True)) is not None:
+                key = self._load(path, True) if path.is_file() else None
+                if isinstance(key, rsa.RSAPrivateKey):
                     users[user_hash(name)] = (name, key)
         self.users = users
 
-    def recipient(self, to_hash: int) -> tuple[str, RSA.RsaKey]:
+    def recipient(self, to_hash: int) -> tuple[str, rsa.RSAPrivateKey]:
         if to_hash not in self.users and time.monotonic() - self._scanned >= self.RESCAN:
             self.scan()  # a user may have been added since start
         try:
@@ -132,7 +133,7 @@ class KeyRing:
                 f"no user with hash {to_hash:016x} on this server", RefuseCode.UNKNOWN_RECIPIENT
             ) from None
 
-    def sender(self, recipient: str, from_hash: int) -> tuple[str, RSA.RsaKey]:
+    def sender(self, recipient: str, from_hash: int) -> tuple[str, rsa.RSAPublicKey]:
         """The public key ``recipient`` holds for the user whose hash is ``from_hash``."""
         directory = self.root / recipient / "pubKey"
         for path in sorted(directory.glob("*.data")) if directory.is_dir() else []:
@@ -141,7 +142,7 @@ class KeyRing:
                 check_user(name)
             except M2YError:
                 continue
-            if user_hash(name) == from_hash and (key := self._load(path, False)) is not None:
+            if user_hash(name) == from_hash and isinstance(key := self._load(path, False), rsa.RSAPublicKey):
                 return name, key
         raise RemoteProtocolError(
             f"{recipient} has no public key for sender hash {from_hash:016x}; "

@@ -57,15 +57,16 @@ def test_keygen_writes_a_matching_pair(generated: tuple[Path, Path, Path]) -> No
     assert private.size_in_bits() == BITS
     assert public.n == private.n and public.e == private.e
     assert b"PRIVATE" not in pub.read_bytes()
-    assert load_private(priv).n == private.n
-    assert load_public(pub).n == private.n
-    assert not load_public(pub).has_private()
+    assert load_private(priv).private_numbers().public_numbers.n == private.n
+    assert load_public(pub).public_numbers().n == private.n
+    assert load_public(pub).public_numbers().e == private.e
 
 
-def test_load_public_of_a_private_file_gives_only_the_public_half(generated: tuple[Path, Path, Path]) -> None:
+def test_load_public_refuses_a_private_key_file(generated: tuple[Path, Path, Path]) -> None:
+    """A private key copied into a pubKey/ folder is a leak to point out, not a key to use."""
     _, priv, _ = generated
-    key = load_public(priv)
-    assert not key.has_private()
+    with pytest.raises(ConfigError, match="holds a private key"):
+        load_public(priv)
 
 
 def test_keygen_refuses_to_overwrite(generated: tuple[Path, Path, Path]) -> None:
@@ -230,15 +231,15 @@ def test_load_private_refuses_a_key_others_can_read(generated: tuple[Path, Path,
             load_private(priv)
     finally:
         priv.chmod(0o600)
-    assert load_private(priv).has_private()
+    assert load_private(priv).private_numbers().d > 0
 
 
 def test_fast_private_import_equals_pycryptodome(generated: tuple[Path, Path, Path]) -> None:
     _, priv, _ = generated
-    mine = load_private(priv)
-    theirs = RSA.import_key(priv.read_bytes())
-    assert (mine.n, mine.e, mine.d, mine.p, mine.q, mine.u) == (theirs.n, theirs.e, theirs.d, theirs.p, theirs.q,
-                                                                  theirs.u)
+    mine = load_private(priv).private_numbers()
+    theirs = RSA.import_key(priv.read_bytes())  # pycryptodome reads the same file: the format is PKCS#1 PEM
+    assert (mine.public_numbers.n, mine.public_numbers.e, mine.d, {mine.p, mine.q}) == (
+        theirs.n, theirs.e, theirs.d, {theirs.p, theirs.q})
 
 
 def test_fast_private_import_refuses_inconsistent_key(generated: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -263,6 +264,45 @@ def test_fast_private_import_refuses_degenerate_factors(generated: tuple[Path, P
     k = RSA.import_key(priv.read_bytes())
     bad = tmp_path / "degenerate.data"
     bad.write_text(PEM.encode(DerSequence([0, k.n, k.e, k.d, 1, k.n, 1, 1, 1]).encode(), "RSA PRIVATE KEY"))
+    bad.chmod(0o600)
+    with pytest.raises(ConfigError, match="not a PEM RSA key"):
+        load_private(bad)
+
+
+def test_keys_written_by_pycryptodome_still_load(tmp_path: Path) -> None:
+    """Key files made by earlier builds (pycryptodome's PEM) keep working, both halves."""
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    old = RSA.generate(2048)
+    priv, pub = tmp_path / "old-priv.data", tmp_path / "old-pub.data"
+    priv.write_bytes(old.export_key("PEM"))
+    priv.chmod(0o600)
+    pub.write_bytes(old.public_key().export_key("PEM"))
+    assert load_private(priv).private_numbers().d == old.d
+    assert load_public(pub).public_numbers().n == old.n
+    assert load_private(priv).decrypt(
+        load_public(pub).encrypt(b"k" * 16, padding.PKCS1v15()), padding.PKCS1v15()) == b"k" * 16
+
+
+def test_passphrase_protected_key_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "locked.data"
+    path.write_bytes(RSA.generate(2048).export_key("PEM", passphrase="secret", pkcs=8,
+                                                   protection="scryptAndAES128-CBC"))
+    path.chmod(0o600)
+    with pytest.raises(ConfigError, match="protected by a passphrase"):
+        load_private(path)
+
+
+def test_private_key_with_a_wrong_exponent_is_refused(generated: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """n = p*q holds but d is not e's inverse: caught by the cheap check that replaces OpenSSL's."""
+    from Crypto.IO import PEM
+    from Crypto.Util.asn1 import DerSequence
+
+    _, priv, _ = generated
+    k = RSA.import_key(priv.read_bytes())
+    der = DerSequence([0, k.n, k.e, k.d + 2, k.p, k.q, k.d % (k.p - 1), k.d % (k.q - 1), pow(k.q, -1, k.p)]).encode()
+    bad = tmp_path / "bad-d.data"
+    bad.write_text(PEM.encode(der, "RSA PRIVATE KEY"))
     bad.chmod(0o600)
     with pytest.raises(ConfigError, match="not a PEM RSA key"):
         load_private(bad)

@@ -28,10 +28,11 @@ def _loaded(imports: str, unwanted: list[str]) -> list[str]:
     ("imports", "unwanted"),
     [
         # the send path: parser + client; no server, storage, psutil, or multiprocessing (workers=0)
+        # and no pycryptodome (~0.15 s of import: RSA comes from cryptography), nor tqdm unless a bar is shown
         ("import cli.main; import engine.client",
-         ["engine.server", "engine.storage", "psutil", "multiprocessing"]),
-        # the serve path: parser + server; no client
-        ("import cli.main; import engine.server", ["engine.client"]),
+         ["engine.server", "engine.storage", "psutil", "multiprocessing", "Crypto", "tqdm"]),
+        # the serve path: parser + server; no client, no pycryptodome
+        ("import cli.main; import engine.server", ["engine.client", "Crypto"]),
         # parsing arguments alone loads no engine part that does work
         ("import cli.main",
          ["engine.client", "engine.server", "engine.keys", "Crypto", "cryptography", "asyncio"]),
