@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -166,8 +167,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         serve(config, listening)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+    except OSError as exc:  # not the port (that is a ConfigError already): say what it was
+        raise ConfigError(f"server stopped by an I/O error: {exc.strerror or exc}") from None
     print("m2y serve: stopped", flush=True)
     return 0
 
@@ -184,27 +185,36 @@ class _Bars:
 
     def __call__(self, meta_path: Path, total: int) -> Callable[[int, int], None]:
         self.close()
-        bar = self._tqdm(desc=one_line(meta_path.name), total=total, unit="B", unit_scale=True,
-                         unit_divisor=1000, mininterval=0.25, leave=True, file=sys.stderr, dynamic_ncols=True)
+        try:
+            bar = self._tqdm(desc=one_line(meta_path.name), total=total, unit="B", unit_scale=True,
+                             unit_divisor=1000, mininterval=0.25, leave=True, file=sys.stderr, dynamic_ncols=True)
+        except OSError:  # stderr gone (a closed pipe): the transfer goes on without a bar
+            return lambda done, total: None
         self._bar = bar
 
         def update(done: int, total: int) -> None:
-            bar.update(done - bar.n)
-            if done >= total:
-                bar.close()
+            if self._bar is not bar:
+                return
+            try:
+                bar.update(done - bar.n)
+                if done >= total:
+                    self.close()
+            except OSError:  # the same: a bar must never fail a transfer
+                self._bar = None
 
         return update
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            with contextlib.suppress(OSError):
+                bar.close()
 
 
 def cmd_send(args: argparse.Namespace) -> int:
     from engine.client import send_files
 
-    show = sys.stderr.isatty() if args.progress is None else args.progress
+    show = (sys.stderr is not None and sys.stderr.isatty()) if args.progress is None else args.progress
     bars = _Bars() if show else None
     try:
         results = send_files(args.metas, _root(args), args.host, args.port, args.timeout, _workers(args),

@@ -38,7 +38,7 @@ from .defaults import (
     DEFAULT_MAX_FILE_SIZE,
     DEFAULT_PORT,
 )
-from .errors import AlreadyReceived, M2YError, ProtocolError, RefuseCode, RemoteProtocolError
+from .errors import AlreadyReceived, ConfigError, M2YError, ProtocolError, RefuseCode, RemoteProtocolError, one_line
 from .keys import load_private, load_public
 from .pool import DECRYPT, Ring, WorkerPool, make_ring
 from .protocol import (
@@ -166,8 +166,13 @@ class Server:
     def listen(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.config.host, self.config.port))
-        sock.listen(128)
+        try:
+            sock.bind((self.config.host, self.config.port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            where = f"{self.config.host}:{self.config.port}"
+            raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         sock.setblocking(False)
         self._listener = sock
         self.port = sock.getsockname()[1]
@@ -500,7 +505,7 @@ def serve(config: ServerConfig, on_listening: Any = None) -> None:
         os.close(lock_fd)
         raise
     for path, size in removed:
-        log.info("removed %s (%d B), left by a transfer a crash cut short", path, size)
+        log.info("removed %s (%d B), left by a transfer a crash cut short", one_line(path), size)
 
     async def main() -> None:
         server = Server(config)

@@ -33,8 +33,8 @@ from typing import Any
 import psutil
 
 from .crc import BytesLike
-from .errors import AlreadyReceived, ConfigError, LocalProtocolError, RefuseCode, RemoteProtocolError
-from .meta import safe_folder
+from .errors import AlreadyReceived, ConfigError, LocalProtocolError, RefuseCode, RemoteProtocolError, one_line
+from .meta import KEY_FOLDERS, MAX_FOLDER_LEN, safe_folder
 from .pool import advance
 from .users import check_user
 
@@ -385,74 +385,143 @@ def lock_root(root: Path) -> int:
     second's half-written bytes to .data and ACK them. So a second server is refused at start.
     """
     path = root / LOCK_NAME
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | flags, 0o644)
+    except PermissionError:  # another user's server made it: a read-only descriptor locks as well
+        try:
+            fd = os.open(path, os.O_RDONLY | flags)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the server lock {path}: {exc.strerror or exc}") from None
     except OSError as exc:
         raise ConfigError(f"cannot open the server lock {path}: {exc.strerror or exc}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"{path} is not a regular file; remove it")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise ConfigError(f"{path} is not a plain file (a folder, a device or a hard link); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            pid = one_line(os.pread(fd, 32, 0).decode("ascii", "replace").strip()) or "?"
             raise ConfigError(f"another m2y serve (pid {pid}) is serving {root}; one server per root") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            raise ConfigError(f"cannot lock {path} (one server per root): {exc.strerror or exc}") from None
+        with contextlib.suppress(OSError):  # the pid is for the message above; a read-only lock has none
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-_LEFTOVER = re.compile(r"(?P<tmp>\.)?(?P<stem>[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}"
+_LEFTOVER = re.compile(r"(?P<tmp>\.)?(?P<stem>(?P<sender>[A-Za-z0-9_-][A-Za-z0-9._-]{0,63})"
                        r"_[0-9]{2}-[0-9]{2}-[0-9]{4}_[0-9]{2}-[0-9]{2}-[0-9]{2})(?(tmp)\.meta\.tmp|\.part)\Z")
+_SWEEP_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_MAX_DEPTH = MAX_FOLDER_LEN // 2 + 1  # a folder of 1024 bytes has at most 512 parts
 
 
 def sweep_leftovers(root: Path) -> list[tuple[str, int]]:
-    """Remove what transfers cut short by a crash left under each user's home: ``.part`` files, the
-    ``.meta`` such a transfer wrote (only when no ``.data`` of that name exists), and ``.meta``
-    temp files. Returns (path, bytes) of each file removed.
+    """Remove what transfers cut short by a crash left: ``.part`` files, the ``.meta`` such a transfer
+    wrote (only when no ``.data`` of that name exists and the ``.part`` is not linked to one), and
+    ``.meta`` temp files. Returns (path, bytes) of each file removed.
 
     Run only with the root's lock held and before listening: then no transfer is under way, so
-    every ``.part`` is a leftover. Never follows a symlink (fwalk, unlink relative to each folder).
+    every ``.part`` is a leftover. Looks only where a transfer can write (below a user's home, no
+    hidden or key folder, as ``safe_folder`` allows), only at names of a sender that user knows,
+    only at regular files this process's user owns. Never follows a symlink, never blocks on a
+    FIFO, never fails the start: what it cannot read it logs and skips.
     """
     removed: list[tuple[str, int]] = []
     try:
         homes = sorted(os.listdir(root))
-    except OSError:
+    except OSError as exc:
+        log.warning("cannot look for leftovers under %s: %s", root, exc.strerror or exc)
         return removed
     for home in homes:
         try:
             check_user(home)
+            fd = os.open(root / home, _SWEEP_DIR_FLAGS)
         except ConfigError:
             continue
-        for top, dirs, files, dir_fd in os.fwalk(root / home, follow_symlinks=False):
-            if Path(top) == root / home:
-                dirs[:] = [d for d in dirs if d not in ("pubKey", "privateKey")]
-            names = set(files)
-            for name in files:
-                m = _LEFTOVER.match(name)
-                if m is None:
-                    continue
-                gone = [name]
-                stem = m.group("stem")
-                if not m.group("tmp") and f"{stem}.meta" in names and f"{stem}.data" not in names:
-                    gone.append(f"{stem}.meta")
-                for victim in gone:
-                    try:
-                        st = os.lstat(victim, dir_fd=dir_fd)
-                        if not stat.S_ISREG(st.st_mode):
-                            break
-                        os.unlink(victim, dir_fd=dir_fd)
-                    except OSError as exc:
-                        log.warning("cannot remove leftover %s/%s: %s", top, victim, exc.strerror or exc)
-                        break
-                    removed.append((f"{top}/{victim}", st.st_size))
-            if any(_LEFTOVER.match(n) for n in files):
-                with contextlib.suppress(OSError):
-                    os.fsync(dir_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP, errno.ENOENT):
+                log.warning("cannot look for leftovers in %s: %s", one_line(str(root / home)), exc.strerror or exc)
+            continue
+        try:
+            senders = _known_senders(fd)
+            stack = [(fd, root / home, 0)]
+            while stack:
+                dir_fd, path, depth = stack.pop()
+                try:
+                    _sweep_folder(dir_fd, path, depth, senders, stack, removed)
+                finally:
+                    if dir_fd != fd:
+                        os.close(dir_fd)
+        finally:
+            os.close(fd)
     return removed
+
+
+def _known_senders(home_fd: int) -> set[str]:
+    """Users this home holds a public key for: the only senders whose names a transfer can make."""
+    try:
+        key_fd = os.open("pubKey", _SWEEP_DIR_FLAGS, dir_fd=home_fd)
+    except OSError:
+        return set()
+    try:
+        return {n[: -len(".data")] for n in os.listdir(key_fd) if n.endswith(".data")}
+    except OSError:
+        return set()
+    finally:
+        os.close(key_fd)
+
+
+def _sweep_folder(dir_fd: int, path: Path, depth: int, senders: set[str],
+                  stack: list[tuple[int, Path, int]], removed: list[tuple[str, int]]) -> None:
+    before = len(removed)
+    try:
+        entries = list(os.scandir(dir_fd))
+    except OSError as exc:
+        log.warning("cannot look for leftovers in %s: %s", one_line(str(path)), exc.strerror or exc)
+        return
+    names = {e.name for e in entries}
+    for entry in entries:
+        name = entry.name
+        if entry.is_dir(follow_symlinks=False):
+            if name.startswith(".") or depth >= _MAX_DEPTH or (depth == 0 and name.lower() in KEY_FOLDERS):
+                continue
+            try:
+                stack.append((os.open(name, _SWEEP_DIR_FLAGS, dir_fd=dir_fd), path / name, depth + 1))
+            except OSError as exc:
+                log.warning("cannot look for leftovers in %s: %s", one_line(str(path / name)), exc.strerror or exc)
+            continue
+        m = _LEFTOVER.match(name)
+        if depth == 0 or m is None or m.group("sender") not in senders:
+            continue
+        try:
+            st = os.lstat(name, dir_fd=dir_fd)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            continue
+        victims = [name]
+        stem = m.group("stem")
+        if not m.group("tmp") and st.st_nlink == 1 and f"{stem}.meta" in names and f"{stem}.data" not in names:
+            victims.insert(0, f"{stem}.meta")  # first: a crash in between leaves a .part, swept next time
+        for victim in victims:
+            try:
+                vst = st if victim == name else os.lstat(victim, dir_fd=dir_fd)
+                if not stat.S_ISREG(vst.st_mode) or vst.st_uid != os.geteuid():
+                    continue
+                os.unlink(victim, dir_fd=dir_fd)
+            except OSError as exc:
+                log.warning("cannot remove leftover %s: %s", one_line(str(path / victim)), exc.strerror or exc)
+                continue
+            removed.append((str(path / victim), vst.st_size))
+    if len(removed) > before:
+        with contextlib.suppress(OSError):
+            os.fsync(dir_fd)
 
 
 class Storage:

@@ -223,7 +223,7 @@ def test_one_server_per_root(root: Path, server: ServerProcess) -> None:
     again = start_server(root)  # the lock goes with the process that held it
     try:
         assert (root / ".m2y-serve.lock").read_text().strip() == str(again.proc.pid)
-        assert stat.S_IMODE((root / ".m2y-serve.lock").stat().st_mode) == 0o600
+        assert stat.S_IMODE((root / ".m2y-serve.lock").stat().st_mode) == 0o644
     finally:
         again.stop()
 
@@ -278,3 +278,15 @@ def test_server_start_removes_what_a_crash_left(root: Path) -> None:
         assert target(root, fields).read_bytes() == payload
     finally:
         again.stop()
+
+
+def test_a_broken_stderr_never_fails_a_transfer(root: Path, server: ServerProcess) -> None:
+    """The bar writes to stderr; if that pipe is closed (`2> >(head -c1)`), the file still goes."""
+    data, meta_path = make_file(root, 20 * 1024 * 1024)
+    proc = subprocess.Popen([*M2Y, "send", str(meta_path), "--root", str(root), "--port", str(server.port),
+                             "--progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    proc.stderr.close()  # nobody reads the bar
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert target(root, meta.read_meta_file(meta_path.with_suffix(".done"))).read_bytes() == data.read_bytes()

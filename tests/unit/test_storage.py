@@ -829,6 +829,8 @@ def test_sweep_removes_what_a_crash_left_and_nothing_else(root: Path) -> None:
     photo = home / "photo" / "deep"
     photo.mkdir(parents=True)
     (home / "pubKey").mkdir()
+    (home / "pubKey" / "zhenqiang.data").write_text("a key")  # the senders this home knows
+    (home / "pubKey" / "a.b.data").write_text("a key")
     crashed = photo / f"zhenqiang_{DATETIME}"
     with_suffix(crashed, ".part").write_bytes(b"x" * 1000)
     with_suffix(crashed, ".meta").write_text("{}")  # written by the transfer the crash cut short
@@ -836,13 +838,24 @@ def test_sweep_removes_what_a_crash_left_and_nothing_else(root: Path) -> None:
     with_suffix(linked, ".data").write_bytes(b"done")
     os.link(with_suffix(linked, ".data"), with_suffix(linked, ".part"))
     with_suffix(linked, ".meta").write_text("{}")
+    moved = home / "photo" / "zhenqiang_02-01-2020_00-00-00"  # the same, and its .data moved away since
+    with_suffix(moved, ".data").write_bytes(b"done")
+    os.link(with_suffix(moved, ".data"), with_suffix(moved, ".part"))
+    with_suffix(moved, ".data").rename(home / "elsewhere.bin")
+    with_suffix(moved, ".meta").write_text("{}")  # describes a finished file: stays
     tmp = home / "photo" / f".a.b_{DATETIME}.meta.tmp"
     tmp.write_text("{")
+    (home / ".cache").mkdir()
+    (home / "PUBKEY").mkdir()
     kept = [
+        with_suffix(moved, ".meta"),
         home / "photo" / f"alice_{DATETIME}.meta",  # a .meta alone: the .data may have been moved away
+        home / "photo" / f"stranger_{DATETIME}.part",  # no key for "stranger": no transfer made it
         home / "photo" / "notes.part",  # not a name m2y gives
         home / "photo" / f"zhenqiang_{DATETIME}.part.bak",
-        home / "pubKey" / f"x_{DATETIME}.part",  # key folders are not walked
+        home / f"zhenqiang_{DATETIME}.part",  # the home's top level: no transfer writes there
+        home / ".cache" / f"zhenqiang_{DATETIME}.part",  # hidden folder: no transfer writes there
+        home / "PUBKEY" / f"zhenqiang_{DATETIME}.part",  # a key folder, in any case
         root / f"zhenqiang_{DATETIME}.part",  # not under a user's home
     ]
     for path in kept:
@@ -851,25 +864,77 @@ def test_sweep_removes_what_a_crash_left_and_nothing_else(root: Path) -> None:
     outside.mkdir()
     (outside / f"zhenqiang_{DATETIME}.part").write_text("not ours")
     (home / "link").symlink_to(outside)  # never followed
+    os.mkfifo(home / "photo" / "fifo")  # never opened (a FIFO would block an open without O_NONBLOCK)
+    os.mkfifo(root / "fifo-user")  # a user-like name at the root that is no folder
     (root / "not a user").mkdir()
     (root / "not a user" / f"zhenqiang_{DATETIME}.part").write_text("keep")
 
     removed = dict(sweep_leftovers(root))
 
     assert set(removed) == {str(with_suffix(crashed, ".part")), str(with_suffix(crashed, ".meta")),
-                            str(with_suffix(linked, ".part")), str(tmp)}
+                            str(with_suffix(linked, ".part")), str(with_suffix(moved, ".part")), str(tmp)}
     assert removed[str(with_suffix(crashed, ".part"))] == 1000
     assert with_suffix(linked, ".data").read_bytes() == b"done" and with_suffix(linked, ".meta").exists()
-    assert all(path.read_text() == "keep" for path in kept)
+    assert all(path.read_text() in ("keep", "{}") for path in kept)
     assert (outside / f"zhenqiang_{DATETIME}.part").read_text() == "not ours"
     assert (root / "not a user" / f"zhenqiang_{DATETIME}.part").exists()
     assert sweep_leftovers(root) == []
+
+
+def test_sweep_survives_what_it_cannot_read(root: Path) -> None:
+    """A folder it may not read, or one nested past any folder a transfer can name: logged and
+    skipped, the start goes on (a RecursionError or a hang would stop the server from starting)."""
+    from engine.storage import _MAX_DEPTH, sweep_leftovers
+
+    home = root / "roland-frei"
+    (home / "pubKey").mkdir(parents=True)
+    (home / "pubKey" / "zhenqiang.data").write_text("a key")
+    try:
+        fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(_MAX_DEPTH + 5):  # deeper than a 1024-byte folder can reach (at most 512 parts)
+                os.mkdir("d", dir_fd=fd)
+                nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            with open(f"zhenqiang_{DATETIME}.part", "w", opener=lambda p, f: os.open(p, f, 0o644, dir_fd=fd)) as f:
+                f.write("too deep for any transfer")
+        finally:
+            os.close(fd)
+        (home / "photo").mkdir()
+        with_suffix(home / "photo" / f"zhenqiang_{DATETIME}", ".part").write_text("x")
+        (home / "locked").mkdir()
+        (home / "locked" / f"zhenqiang_{DATETIME}.part").write_text("x")
+        (home / "locked").chmod(0)  # unreadable, except to root (which CI runs as)
+        try:
+            removed = [Path(p) for p, _ in sweep_leftovers(root)]
+        finally:
+            (home / "locked").chmod(0o755)
+        assert with_suffix(home / "photo" / f"zhenqiang_{DATETIME}", ".part") in removed
+        assert not any(len(p.relative_to(home).parts) > _MAX_DEPTH for p in removed)
+    finally:
+        _remove_deep(home / "d")  # pytest's own clean-up of old temp folders recurses
+
+
+def _remove_deep(path: Path) -> None:
+    """rmtree without recursion (a 600-level tree is near Python's limit for a recursive one)."""
+    chain = []
+    while path.is_dir():
+        chain.append(path)
+        path = path / "d"
+    for folder in reversed(chain):
+        for child in folder.iterdir():
+            if not child.is_dir():
+                child.unlink()
+        folder.rmdir()
 
 
 def test_sweep_then_the_same_file_is_received_again(root: Path) -> None:
     """After a crash the sender's .meta is still there; once swept, its resend is a new transfer."""
     from engine.storage import sweep_leftovers
 
+    (root / "roland-frei" / "pubKey").mkdir()
+    (root / "roland-frei" / "pubKey" / "zhenqiang.data").write_text("a key")
     store = Storage(root, max_file_size=MiB)
     cut = store.begin(fields(5))
     cut.write(b"fi")  # the server dies here: nothing is aborted, its descriptors just close
@@ -881,3 +946,61 @@ def test_sweep_then_the_same_file_is_received_again(root: Path) -> None:
     again.write(b"first")
     again.commit()
     assert with_suffix(target(root), ".data").read_bytes() == b"first"
+
+
+def test_lock_root_is_exclusive_and_names_the_holder(root: Path) -> None:
+    from engine.errors import ConfigError
+    from engine.storage import LOCK_NAME, lock_root
+
+    fd = lock_root(root)
+    try:
+        with pytest.raises(ConfigError, match=rf"another m2y serve \(pid {os.getpid()}\) is serving"):
+            lock_root(root)  # flock is per open file: a second open conflicts even in this process
+    finally:
+        os.close(fd)
+    os.close(lock_root(root))  # released with its descriptor
+    assert stat.S_IMODE((root / LOCK_NAME).stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "dir", "fifo"])
+def test_lock_root_refuses_an_odd_lock_file(root: Path, kind: str) -> None:
+    from engine.errors import ConfigError
+    from engine.storage import LOCK_NAME, lock_root
+
+    path, other = root / LOCK_NAME, root.parent / "elsewhere"
+    other.write_text("precious\n")
+    if kind == "symlink":
+        path.symlink_to(other)
+    elif kind == "hardlink":
+        os.link(other, path)
+    elif kind == "dir":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    with pytest.raises(ConfigError):
+        lock_root(root)
+    assert other.read_text() == "precious\n"  # never truncated to a pid
+
+
+def test_lock_root_falls_back_to_a_read_only_lock(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's server made the lock file (0644): it can still be locked, read-only."""
+    from engine.storage import lock_root
+
+    os.close(lock_root(root))
+    real_open = os.open
+
+    def no_write(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_write)
+    fd = lock_root(root)
+    monkeypatch.undo()
+    try:
+        from engine.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="another m2y serve"):
+            lock_root(root)
+    finally:
+        os.close(fd)
