@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=DEFAULT_BITS, help=f"RSA key size (default {DEFAULT_BITS})")
     p.add_argument("--force", action="store_true", help="replace an existing private key")
 
-    p = sub.add_parser("meta", help="write FILE's .meta beside it")
-    p.add_argument("file", type=Path)
+    p = sub.add_parser("meta", help="write each FILE's .meta beside it")
+    p.add_argument("files", nargs="+", metavar="FILE", type=Path)
     p.add_argument("--from", dest="sender", required=True)
     p.add_argument("--to", dest="recipient", required=True)
     p.add_argument("--folder", required=True, help="relative folder on the recipient's side")
@@ -126,12 +126,27 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_meta(args: argparse.Namespace) -> int:
+    """One .meta per FILE, each with its own datetime; a file that fails gets its own line and the
+    others are still written (exit 2 if any failed)."""
+    home = _root(args) / check_user(args.sender)
+    failed = False
+    for path in args.files:
+        try:
+            print(f"wrote {_write_meta(args, home, path)}")
+        except ConfigError as exc:
+            if len(args.files) == 1:
+                raise
+            print(one_line(f"m2y meta: {exc.reason}"), file=sys.stderr)
+            failed = True
+    return 2 if failed else 0
+
+
+def _write_meta(args: argparse.Namespace, home: Path, path: Path) -> Path:
     from engine import meta
     from engine.crc import crc64
 
-    path: Path = args.file
     # The datetime first: it needs the sender's home, and a missing one should not cost a 20 GB read.
-    when = meta.issue_datetime(_root(args) / check_user(args.sender))  # distinct per sender: see issue_datetime
+    when = meta.issue_datetime(home)  # distinct per sender: see issue_datetime
     crc, size = 0, 0
     try:
         with open(path, "rb", buffering=0) as f:
@@ -144,8 +159,7 @@ def cmd_meta(args: argparse.Namespace) -> int:
     fields = meta.make(args.sender, args.recipient, args.folder, path.name, size, crc, when)
     out = meta.meta_path_for(path)
     meta.write_meta_file(out, fields)
-    print(f"wrote {out}")
-    return 0
+    return out
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

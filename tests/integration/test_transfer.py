@@ -290,3 +290,27 @@ def test_a_broken_stderr_never_fails_a_transfer(root: Path, server: ServerProces
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert target(root, meta.read_meta_file(meta_path.with_suffix(".done"))).read_bytes() == data.read_bytes()
+
+
+def test_meta_of_several_files_at_once(root: Path, server: ServerProcess) -> None:
+    """`m2y meta a b c`: one .meta each, distinct datetimes, one process; a file that cannot be read
+    gets its own line and the others are still written; then one `m2y send` takes them all."""
+    src = root / "zhenqiang" / "photo"
+    src.mkdir(parents=True)
+    names = ["a.jpg", "b.jpg", "c.jpg"]
+    for name in names:
+        (src / name).write_bytes(os.urandom(40_000))
+    made = subprocess.run([*M2Y, "meta", *(str(src / n) for n in (names[0], "missing.jpg", *names[1:])),
+                           "--from", "zhenqiang", "--to", "roland-frei", "--folder", "photo", "--root", str(root)],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 2
+    missing = src / "missing.jpg"
+    assert made.stderr.strip().splitlines() == [f"m2y meta: cannot read {missing}: No such file or directory"]
+    metas = [src / n.replace(".jpg", ".meta") for n in names]
+    assert made.stdout.splitlines() == [f"wrote {m}" for m in metas]
+    fields = [meta.read_meta_file(m) for m in metas]
+    assert len({f["datetime"] for f in fields}) == 3
+    sent = run_send(root, server.port, *metas)
+    assert sent.returncode == 0, sent.stderr
+    for name, f in zip(names, fields, strict=True):
+        assert target(root, f).read_bytes() == (src / name).read_bytes()
