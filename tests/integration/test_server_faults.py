@@ -21,7 +21,7 @@ import pytest
 from engine import meta
 from engine.crc import crc64
 from engine.errors import RefuseCode
-from engine.protocol import FileCRC
+from engine.protocol import Ack, FileCRC
 from engine.server import Server, ServerConfig
 
 from .helpers import handshake, make_file, payload_fields, run_send, sealed_frames, target, wait_until
@@ -104,3 +104,48 @@ def test_disk_full_mid_file_is_refused_as_no_space(root: Path, inproc: InProcess
     assert code == RefuseCode.NO_SPACE and "No space left" in reason
     assert wait_until(lambda: not any(target(root, fields, s).exists() for s in (".part", ".meta", ".data")))
     assert wait_until(lambda: inproc.server.storage.reserved() == 0)
+
+
+def test_a_stalled_disk_write_stalls_only_its_own_transfer(root: Path, inproc: InProcessServer,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transfer A's disk stalls (its first write takes 0.15 s, the next ones block until released):
+    after the first, A's writes go to a thread, and a whole other transfer B goes through meanwhile.
+    With every write on the event loop, B would wait for A's disk and fail its 5 s timeout."""
+    payload, fields = payload_fields(4 * 2**20 + 5)
+    part_name = target(root, fields, ".part").name
+    real_writev = os.writev
+    release = threading.Event()
+    calls = [0]
+
+    def stalling_writev(fd: int, buffers: Any) -> int:
+        try:
+            is_a = os.readlink(f"/proc/self/fd/{fd}").endswith(part_name)
+        except OSError:
+            is_a = False
+        if is_a:
+            calls[0] += 1
+            if calls[0] == 1:
+                time.sleep(0.15)
+            else:
+                release.wait(20)
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", stalling_writev)
+    hs = handshake(root, inproc.port, dict(fields))
+    sender = threading.Thread(target=hs.send_frames, args=(sealed_frames(hs.cipher, payload),), daemon=True)
+    sender.start()
+    try:
+        assert wait_until(lambda: calls[0] >= 2, timeout=10)  # A is stuck in its second write
+        data, meta_path = make_file(root, 100_000)
+        other = run_send(root, inproc.port, meta_path, timeout=30, extra=("--timeout", "5"))
+        assert not release.is_set()
+        assert other.returncode == 0, other.stderr
+        assert target(root, meta.read_meta_file(meta_path.with_suffix(".done"))).read_bytes() == data.read_bytes()
+    finally:
+        release.set()
+    sender.join(20)
+    with hs.client as c:
+        c.send_event(FileCRC(hs.cipher.seal_crc(crc64(payload))))
+        assert isinstance(c.next_event(), Ack)
+    monkeypatch.undo()
+    assert target(root, fields).read_bytes() == payload
