@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -128,13 +129,20 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_meta(args: argparse.Namespace) -> int:
     """One .meta per FILE, each with its own datetime; a file that fails gets its own line and the
     others are still written (exit 2 if any failed)."""
+    from engine import meta
+
     home = _root(args) / check_user(args.sender)
+    # What every file needs is checked once, before any file is read: the sender's home (it keeps the
+    # datetimes), the recipient and the folder.
+    meta.check_home(home)
+    meta.make(args.sender, args.recipient, args.folder, "-", 0, 0)
+    files = list({os.path.abspath(p): p for p in args.files}.values())  # each file once
     failed = False
-    for path in args.files:
+    for path in files:
         try:
             print(f"wrote {_write_meta(args, home, path)}")
         except ConfigError as exc:
-            if len(args.files) == 1:
+            if len(files) == 1:
                 raise
             print(one_line(f"m2y meta: {exc.reason}"), file=sys.stderr)
             failed = True
@@ -145,8 +153,6 @@ def _write_meta(args: argparse.Namespace, home: Path, path: Path) -> Path:
     from engine import meta
     from engine.crc import crc64
 
-    # The datetime first: it needs the sender's home, and a missing one should not cost a 20 GB read.
-    when = meta.issue_datetime(home)  # distinct per sender: see issue_datetime
     crc, size = 0, 0
     try:
         with open(path, "rb", buffering=0) as f:
@@ -156,6 +162,7 @@ def _write_meta(args: argparse.Namespace, home: Path, path: Path) -> Path:
                 size += n
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    when = meta.issue_datetime(home)  # after the read: a file that cannot be read takes no datetime
     fields = meta.make(args.sender, args.recipient, args.folder, path.name, size, crc, when)
     out = meta.meta_path_for(path)
     meta.write_meta_file(out, fields)

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import RefuseCode, RemoteProtocolError
+from .errors import ConfigError, RefuseCode, RemoteProtocolError
 
 REQUEST = b"m2y/1 request"
 REPLY = b"m2y/1 reply"
@@ -35,12 +35,16 @@ def seal(public_key: rsa.RSAPublicKey, plaintext: bytes, associated: bytes) -> b
     """Encrypt ``plaintext`` so that only the holder of ``public_key``'s private half can read it."""
     key = secrets.token_bytes(KEY_LEN)
     nonce = secrets.token_bytes(NONCE_LEN)
-    wrapped = public_key.encrypt(key, _OAEP)
+    try:
+        wrapped = public_key.encrypt(key, _OAEP)
+    except ValueError as exc:  # a key OAEP cannot use (the loaders refuse those: a last guard)
+        raise ConfigError(f"cannot encrypt with this RSA key: {exc}") from None
     return wrapped + nonce + AESGCM(key).encrypt(nonce, plaintext, associated)
 
 
 def open_(private_key: rsa.RSAPrivateKey, envelope: bytes, associated: bytes) -> bytes:
     """Decrypt an envelope; any failure is one RemoteProtocolError (no oracle on which step failed)."""
+    envelope = bytes(envelope)  # cryptography takes bytes only; a TypeError must not pass for "wrong key"
     k = (private_key.key_size + 7) // 8
     if len(envelope) < k + NONCE_LEN + TAG_LEN:
         raise RemoteProtocolError(_CANNOT, RefuseCode.BAD_ENVELOPE)
@@ -50,5 +54,5 @@ def open_(private_key: rsa.RSAPrivateKey, envelope: bytes, associated: bytes) ->
             raise ValueError("wrapped key has the wrong length")
         nonce = envelope[k : k + NONCE_LEN]
         return AESGCM(key).decrypt(nonce, envelope[k + NONCE_LEN :], associated)
-    except (ValueError, TypeError, InvalidTag):
+    except (ValueError, InvalidTag):
         raise RemoteProtocolError(_CANNOT, RefuseCode.BAD_ENVELOPE) from None

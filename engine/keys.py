@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .users import check_user, private_key_path, public_key_path
 
 MIN_BITS = 2048
+MAX_BITS = 16384  # OpenSSL's RSA-OAEP refuses larger moduli
 
 
 def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
@@ -49,8 +50,8 @@ def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
 def keygen(root: Path, user: str, bits: int = DEFAULT_BITS, force: bool = False) -> tuple[Path, Path]:
     """Create ``user``'s key pair; returns (private key path, own public key path)."""
     check_user(user)
-    if bits < MIN_BITS:
-        raise ConfigError(f"--bits {bits} is too small; use at least {MIN_BITS}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"--bits {bits} is out of range; use {MIN_BITS} to {MAX_BITS}")
     priv_path = private_key_path(root, user)
     pub_path = public_key_path(root, user, user)
     if priv_path.exists() and not force:
@@ -79,8 +80,9 @@ def load_private(path: Path) -> rsa.RSAPrivateKey:
         key = _import_own_private(data)
     except TypeError:
         raise ConfigError(f"{path} is protected by a passphrase; m2y needs an unencrypted key (mode 0600)") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise ConfigError(f"{path} is not a PEM RSA key") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        why = str(exc) if str(exc).startswith("an RSA key of") else "not a PEM RSA key"
+        raise ConfigError(f"{path} is {why}") from None
     if mode & 0o077:
         raise ConfigError(f"private key {path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
     return key
@@ -101,7 +103,15 @@ def _import_own_private(data: bytes) -> rsa.RSAPrivateKey:
     p, q, d = nums.p, nums.q, nums.d
     if p * q != n or not all(1 < x < n for x in (p, q, e, d)) or (e * d - 1) % math.lcm(p - 1, q - 1):
         raise ValueError("not an RSA private key")
+    _check_size(key.key_size, n)
     return key
+
+
+def _check_size(bits: int, n: int) -> None:
+    """Keys m2y can use: from MIN_BITS (what keygen makes at least) to MAX_BITS (what OpenSSL's
+    OAEP takes), odd modulus. Raises ValueError otherwise."""
+    if not MIN_BITS <= bits <= MAX_BITS or n % 2 == 0:
+        raise ValueError(f"an RSA key of {bits} bits; m2y uses {MIN_BITS} to {MAX_BITS}")
 
 
 def load_public(path: Path) -> rsa.RSAPublicKey:
@@ -121,6 +131,10 @@ def load_public(path: Path) -> rsa.RSAPublicKey:
         raise ConfigError(f"{path} is not a PEM RSA key") from None
     if not isinstance(key, rsa.RSAPublicKey):
         raise ConfigError(f"{path} is not a PEM RSA key")
+    try:
+        _check_size(key.key_size, key.public_numbers().n)
+    except ValueError as exc:
+        raise ConfigError(f"{path} is {exc}") from None
     return key
 
 

@@ -170,6 +170,13 @@ def _lock(fd: int, path: Path) -> None:
             time.sleep(0.01)
 
 
+def check_home(home: Path) -> None:
+    """The sender's home must exist: it keeps the clock that gives the sender's .meta files distinct datetimes."""
+    if not home.is_dir():
+        raise ConfigError(f"no home {home} for this sender: m2y meta keeps its datetimes there (create "
+                          f"it with 'm2y keygen {home.name} --root {home.parent}', or pass the --root that has it)")
+
+
 def issue_datetime(home: Path, now: _dt.datetime | None = None) -> _dt.datetime:
     """The datetime for a new .meta of the user whose home this is: now, or one second after the
     last one issued if that is not earlier.
@@ -182,9 +189,7 @@ def issue_datetime(home: Path, now: _dt.datetime | None = None) -> _dt.datetime:
     """
     when = (now or _dt.datetime.now()).replace(microsecond=0)
     path = home / CLOCK_FILE
-    if not home.is_dir():
-        raise ConfigError(f"no home {home} for this sender: m2y meta keeps its datetimes there (create "
-                          f"it with 'm2y keygen {home.name} --root {home.parent}', or pass the --root that has it)")
+    check_home(home)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -227,6 +232,10 @@ def make(
         folder = safe_folder(folder)
     except RemoteProtocolError as exc:
         raise ConfigError(exc.reason) from None
+    try:
+        filename.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"file name {filename!r} is not valid UTF-8; rename the file") from None
     fields = {
         "from": sender, "to": recipient, "folder": folder, "datetime": now_string(when),
         "filename": filename, "filesize": filesize, "fileCRC": file_crc,

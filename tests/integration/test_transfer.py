@@ -314,3 +314,24 @@ def test_meta_of_several_files_at_once(root: Path, server: ServerProcess) -> Non
     assert sent.returncode == 0, sent.stderr
     for name, f in zip(names, fields, strict=True):
         assert target(root, f).read_bytes() == (src / name).read_bytes()
+
+
+def test_meta_of_odd_files_fails_each_on_its_own_line(root: Path) -> None:
+    """A name that is not UTF-8 is one line (not a traceback), a file named twice gets one .meta,
+    a failed file takes no datetime; a missing home is said once, before any file is read."""
+    src = root / "zhenqiang" / "photo"
+    src.mkdir(parents=True)
+    (src / "a.jpg").write_bytes(b"a")
+    bad = os.fsencode(str(src)) + b"/bad\xff.jpg"
+    with open(bad, "wb") as f:
+        f.write(b"b")
+    base = ["--from", "zhenqiang", "--to", "roland-frei", "--folder", "photo", "--root", str(root)]
+    made = subprocess.run([*M2Y, "meta", str(src / "a.jpg"), os.fsdecode(bad), str(src / "a.jpg"), *base],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 2, made.stderr
+    assert made.stdout.splitlines() == [f"wrote {src / 'a.meta'}"]
+    assert len(made.stderr.strip().splitlines()) == 1 and "is not valid UTF-8; rename the file" in made.stderr
+    nohome = subprocess.run([*M2Y, "meta", str(src / "a.jpg"), str(src / "a.jpg"), *base[:-1], str(root / "none")],
+                            capture_output=True, text=True, timeout=60)
+    assert nohome.returncode == 2 and len(nohome.stderr.strip().splitlines()) == 1, nohome.stderr
+    assert "no home" in nohome.stderr

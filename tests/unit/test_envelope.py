@@ -176,3 +176,11 @@ def test_garbage(keys: tuple[rsa.RSAPrivateKey, rsa.RSAPrivateKey]) -> None:
         with pytest.raises(RemoteProtocolError) as exc:
             envelope.open_(priv, garbage, request_aad())
         assert_bad_envelope(exc)
+
+
+def test_open_takes_any_bytes_like(keys: tuple[rsa.RSAPrivateKey, rsa.RSAPrivateKey]) -> None:
+    """A bytearray or memoryview envelope opens like bytes (not a "wrong key" refusal)."""
+    priv, _ = keys
+    sealed = envelope.seal(priv.public_key(), PLAIN, request_aad())
+    assert envelope.open_(priv, bytearray(sealed), request_aad()) == PLAIN
+    assert envelope.open_(priv, memoryview(sealed), request_aad()) == PLAIN  # type: ignore[arg-type]

@@ -306,3 +306,32 @@ def test_private_key_with_a_wrong_exponent_is_refused(generated: tuple[Path, Pat
     bad.chmod(0o600)
     with pytest.raises(ConfigError, match="not a PEM RSA key"):
         load_private(bad)
+
+
+def test_keygen_refuses_keys_oaep_cannot_use(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="2048 to 16384"):
+        keygen(tmp_path, "alice", bits=20000)
+
+
+@pytest.mark.parametrize("bits", [1024, 1536])
+def test_loaders_refuse_keys_below_2048_bits(tmp_path: Path, bits: int) -> None:
+    """A weak key a peer put in pubKey/, or an old own key, is named, not silently used."""
+    small = RSA.generate(bits)
+    priv, pub = tmp_path / "small-priv.data", tmp_path / "small-pub.data"
+    priv.write_bytes(small.export_key("PEM"))
+    priv.chmod(0o600)
+    pub.write_bytes(small.public_key().export_key("PEM"))
+    with pytest.raises(ConfigError, match=f"an RSA key of {bits} bits; m2y uses 2048 to 16384"):
+        load_private(priv)
+    with pytest.raises(ConfigError, match=f"an RSA key of {bits} bits; m2y uses 2048 to 16384"):
+        load_public(pub)
+
+
+def test_load_public_refuses_an_even_modulus(generated: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, _, pub = generated
+    k = RSA.import_key(pub.read_bytes())
+    even = RSA.construct((k.n + 1, k.e), consistency_check=False)
+    bad = tmp_path / "even.data"
+    bad.write_bytes(even.export_key("PEM"))
+    with pytest.raises(ConfigError, match="m2y uses 2048 to 16384"):
+        load_public(bad)
