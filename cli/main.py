@@ -153,6 +153,10 @@ def _write_meta(args: argparse.Namespace, home: Path, path: Path) -> Path:
     from engine import meta
     from engine.crc import crc64
 
+    try:
+        path.name.encode("utf-8")  # checked again by meta.make; here before a long read
+    except UnicodeEncodeError:
+        raise ConfigError(f"file name {path.name!r} is not valid UTF-8; rename the file") from None
     crc, size = 0, 0
     try:
         with open(path, "rb", buffering=0) as f:

@@ -11,6 +11,7 @@ REFUSED frame with a reason, the .part is removed, and the server goes on servin
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -159,6 +160,9 @@ class Server:
         self.storage = Storage(config.root, config.max_file_size)
         self._tasks: set[asyncio.Task[None]] = set()
         self.pool = WorkerPool(config.workers) if config.workers > 0 else None
+        # Writes of transfers whose disk stalled (_Session._write): their own threads, so that stalled
+        # writes never hold the default executor that every begin() and commit() needs.
+        self.writers = concurrent.futures.ThreadPoolExecutor(config.max_clients, thread_name_prefix="m2y-write")
         self._listener: socket.socket | None = None
         self.port = 0
 
@@ -194,6 +198,7 @@ class Server:
             await asyncio.gather(accept, *self._tasks, return_exceptions=True)
             if self.pool is not None:
                 self.pool.close()
+            self.writers.shutdown(wait=True)
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -481,14 +486,21 @@ class _Session:
             incoming.writev(views)
             if time.perf_counter() - started > SLOW_WRITE:
                 self.slow_disk = True
+                self.last_rx = self.loop.time()  # the client waited for our disk, not the reverse
                 log.info("%s: a write took over %g s; its writes go to a thread", self.label, SLOW_WRITE)
             return
-        fut = self.loop.run_in_executor(None, incoming.writev, views)
+        fut = self.loop.run_in_executor(self.server.writers, incoming.writev, views)
         self.busy_here = True  # the client is not idle while we wait for our disk
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:
-            await asyncio.wait([fut])  # the slot and the descriptor must outlive the write
+            # The slot and the descriptor must outlive the write, however often we are cancelled
+            # meanwhile (a stopping server and a failing worker can both cancel): wait it out.
+            while not fut.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([fut])
+            if not fut.cancelled():
+                fut.exception()  # retrieved: the cancel is what we report
             raise
         finally:
             self.busy_here = False

@@ -190,7 +190,9 @@ def _walk(home_fd: int, parts: list[str], created: list[str]) -> int:
 class Incoming:
     """One file being received; ``write`` plaintext in order, then ``commit`` or ``abort``.
 
-    Threads: ``write``, ``abort``, ``finish`` and ``Storage.release`` run on the event loop;
+    Threads: ``write``, ``abort``, ``finish`` and ``Storage.release`` run on the event loop, and so
+    does ``writev`` until the disk stalls; then the server runs it in a thread and calls nothing else
+    of this transfer until it has returned (``_Session._write`` waits it out even when cancelled);
     ``Storage.begin`` and ``commit`` (blocking fsyncs) run in worker threads, and ``commit`` never
     touches the Storage's table. The server must therefore call ``finish()`` on the loop once ``commit()``
     has returned, to release the reservation; ``abort()`` releases by itself. ``done`` is true
