@@ -17,6 +17,7 @@ from engine.defaults import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_KEEP_PARTIAL,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_ENVELOPE,
     DEFAULT_MAX_FILE_SIZE,
@@ -54,6 +55,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="seconds a client may stay silent mid-transfer")
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT,
                    help="seconds a client has to send its header and metadata, however it trickles them")
+    p.add_argument("--keep-partial", type=float, default=DEFAULT_KEEP_PARTIAL,
+                   help="seconds the received part of an interrupted send waits for a resend (0: never kept)")
     p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS,
                    help="transfers at once; more are refused as busy")
     _add_workers(p)
@@ -183,7 +186,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(root=root, host=args.host, port=args.port, max_envelope=args.max_meta,
                           max_file_size=args.max_file_size, idle_timeout=args.idle_timeout,
                           workers=_workers(args), max_clients=args.max_clients,
-                          handshake_timeout=args.handshake_timeout, batch=_batch(args))
+                          handshake_timeout=args.handshake_timeout, batch=_batch(args),
+                          keep_partial=args.keep_partial)
 
     def listening(server: Server) -> None:
         names = ", ".join(sorted(n for n, _ in server.keys.users.values())) or "none yet"
@@ -252,6 +256,11 @@ def cmd_send(args: argparse.Namespace) -> int:
         if r.ok and r.already:
             print(one_line(f"{r.meta_path.name}: ACK, the server already holds these {r.nbytes} bytes from an "
                            f"earlier send (whose ACK did not arrive); nothing sent again{where}"))
+        elif r.ok and r.resumed_at:
+            sent = r.nbytes - r.resumed_at
+            rate = sent / max(r.seconds, 1e-9) / 1e6
+            print(one_line(f"{r.meta_path.name}: ACK, {r.nbytes} bytes, resumed at {r.resumed_at}: {sent} sent "
+                           f"in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"))
         elif r.ok:
             rate = r.nbytes / max(r.seconds, 1e-9) / 1e6
             print(one_line(f"{r.meta_path.name}: ACK, {r.nbytes} bytes in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"))

@@ -65,6 +65,7 @@ class Sent:
 
     nbytes: int
     already: bool = False
+    resumed_at: int = 0  # bytes the server had kept from an interrupted send of this file
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Result:
     nbytes: int = 0
     seconds: float = 0.0
     already: bool = False  # the server held the file before this send (an earlier ACK was lost)
+    resumed_at: int = 0  # bytes the server had kept from an interrupted send: this one sent the rest
 
 
 def prepare(meta_path: Path, root: Path) -> Prepared:
@@ -232,7 +234,7 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
         if not isinstance(event, Reply):
             raise _refused(event)
         plain = envelope.open_(p.private_key, event.envelope, envelope.aad(envelope.REPLY, from_hash, to_hash))
-        filekey, salt, received = meta.check_reply(sent, plain)
+        filekey, salt, received, first = meta.check_reply(sent, plain)
         if received == meta.SAME_FILE:  # the server's own word (the reply echoes our nonce): durable there
             return Sent(int(fields["filesize"]), already=True)
         if received == meta.OTHER_FILE:
@@ -241,10 +243,13 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
                           f".meta for {p.data_path.name} (m2y meta) to give it a new datetime", RefuseCode.EXISTS)
         cipher = BlockCipher(filekey, salt)
         filesize = fields["filesize"]
-        ch.conn.set_filesize(filesize)
+        try:
+            ch.conn.set_filesize(filesize, first)  # the blocks before ``first`` are on the server already
+        except ProtocolError as exc:
+            raise RemoteProtocolError(f"the server's reply says {exc.reason}") from None
         crc = fields["fileCRC"]
         try:
-            await _stream(ch, p.data_path, make_ring(pool, filekey, salt, batch), filesize, batch, progress)
+            await _stream(ch, p.data_path, make_ring(pool, filekey, salt, batch), filesize, batch, progress, first)
             await ch.send(FileCRC(cipher.seal_crc(crc)))
         except (ConnectionResetError, BrokenPipeError):
             event = await ch.next(timeout=5)  # the server refused mid-file: say why
@@ -261,18 +266,19 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
         ack_size, ack_crc = cipher.open_ack(event.sealed)
         if (ack_size, ack_crc) != (filesize, crc):
             raise RemoteProtocolError("ACK names another size or CRC than what was sent")
-        return Sent(int(filesize))
+        return Sent(int(filesize), resumed_at=min(first * BLOCK_SIZE, filesize))
     finally:
         sock.close()
 
 
 async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: int,
-                  progress: Progress | None = None) -> None:
-    """file -> slot -> (worker) -> frames -> socket, in order; ``progress`` hears of each batch sent."""
+                  progress: Progress | None = None, first: int = 0) -> None:
+    """file -> slot -> (worker) -> frames -> socket, in order, from block ``first`` on; ``progress``
+    hears of each batch sent."""
     free = list(range(ring.depth))
     queued: collections.deque[tuple[int, int]] = collections.deque()  # (first block, count) per batch
     total = block_count(filesize)
-    index = 0
+    index = first
 
     async def send_oldest() -> None:
         slot, _, _ = await ring.result()  # sealing takes no CRC: only the slot matters
@@ -285,6 +291,7 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
     try:
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()
+            os.lseek(fd, first * BLOCK_SIZE, os.SEEK_SET)
             while index < total:
                 if not free:
                     await send_oldest()
@@ -348,12 +355,12 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
     async def _send_all(pool: WorkerPool | None, results: list[Result]) -> list[Result]:
         for meta_path in metas:
             started = time.monotonic()
-            already = False
+            already, resumed_at = False, 0
             try:
                 prepared = prepare(meta_path, root)
                 sent = await send_one(prepared, host, port, timeout, batch, pool=pool,
                                       progress=_lazy(progress, meta_path))
-                ok, message, nbytes, already = True, "ACK", sent.nbytes, sent.already
+                ok, message, nbytes, already, resumed_at = True, "ACK", sent.nbytes, sent.already, sent.resumed_at
             except M2YError as exc:
                 ok, message, nbytes = False, exc.reason, 0
             except OSError as exc:
@@ -369,7 +376,7 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
                     why = exc.strerror or exc
                     ok, message = False, f"{did}, but {meta_path.name} cannot become {renamed.name}: {why}"
                     renamed = None
-            results.append(Result(meta_path, ok, message, renamed, nbytes, seconds, already))
+            results.append(Result(meta_path, ok, message, renamed, nbytes, seconds, already, resumed_at))
         return results
 
     import uvloop

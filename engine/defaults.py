@@ -15,6 +15,7 @@ DEFAULT_MAX_FILE_SIZE = 64 * 1024**3  # 64 GiB: the 20 GB files the project is f
 DEFAULT_MAX_ENVELOPE = 64 * 1024  # largest metadata envelope a server reads
 DEFAULT_IDLE_TIMEOUT = 60.0  # seconds a client may stay silent mid-transfer
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds to deliver header and metadata, however trickled
+DEFAULT_KEEP_PARTIAL = 3600.0  # seconds the received part of a cut-short send waits for a resend
 DEFAULT_MAX_CLIENTS = 64
 DEFAULT_TIMEOUT = 60.0  # seconds a client waits for the server
 DEFAULT_BATCH = 16  # 64 KiB blocks per batch

@@ -37,6 +37,7 @@ KEY_FOLDERS = ("pubkey", "privatekey")  # a sender must not plant keys the recip
 NONCE_FIELD = "nonce"  # request only: 16 random bytes (hex) the reply must echo
 RECEIVED_FIELD = "received"  # reply only: what the server already holds under this name
 NEW, SAME_FILE, OTHER_FILE = 0, 1, 2  # its values (one digit each: the reply's length tells nothing)
+RESUME_FIELD = "resume"  # reply only: the block to send from, 16 hex digits (a fixed length, like the above)
 SALT_LEN = 4
 FILEKEY_LEN = 16
 
@@ -311,15 +312,18 @@ def _check_same_file(path: Path, filename: str) -> None:
         raise ConfigError(f"{path} already exists and is {what}; move it away first")
 
 
-def add_reply_fields(fields: Mapping[str, Any], received: int = NEW) -> tuple[dict[str, Any], bytes, bytes]:
+def add_reply_fields(fields: Mapping[str, Any], received: int = NEW,
+                     resume: int = 0) -> tuple[dict[str, Any], bytes, bytes]:
     """The server's reply: a fresh filekey and nonce salt from ``secrets``, what the server already
-    holds under this name (``received``), metaCRC recomputed."""
+    holds under this name (``received``), the block the sender sends from (``resume``: the ones
+    before it survive from an interrupted send), metaCRC recomputed."""
     filekey = secrets.token_bytes(FILEKEY_LEN)
     salt = secrets.token_bytes(SALT_LEN)
     reply = dict(fields)
     reply["filekey"] = filekey.hex()
     reply["salt"] = salt.hex()
     reply[RECEIVED_FIELD] = received
+    reply[RESUME_FIELD] = f"{resume:016x}"
     return with_crc(reply), filekey, salt
 
 
@@ -339,15 +343,15 @@ def stored(fields: Mapping[str, Any]) -> dict[str, Any]:
     return with_crc({k: v for k, v in fields.items() if k != NONCE_FIELD})
 
 
-def check_reply(sent: Mapping[str, Any], data: bytes) -> tuple[bytes, bytes, int]:
-    """Check the reply echoes exactly what was sent plus filekey, salt and received; return
-    (filekey, salt, received). Only the server that read the request's nonce can echo it, so
-    ``received`` is the server's own word, as trustworthy as an ACK."""
+def check_reply(sent: Mapping[str, Any], data: bytes) -> tuple[bytes, bytes, int, int]:
+    """Check the reply echoes exactly what was sent plus filekey, salt, received and resume; return
+    (filekey, salt, received, resume block). Only the server that read the request's nonce can echo
+    it, so ``received`` is the server's own word, as trustworthy as an ACK."""
     fields = _load(data, "reply")
-    if isinstance(fields, dict) and set(fields) == set(sent) | {"filekey", "salt"}:
-        raise RemoteProtocolError(f"the server's reply has no {RECEIVED_FIELD!r} field: it runs an older m2y; "
+    if isinstance(fields, dict) and set(sent) | {"filekey", "salt"} <= set(fields) and RESUME_FIELD not in fields:
+        raise RemoteProtocolError(f"the server's reply has no {RESUME_FIELD!r} field: it runs an older m2y; "
                                   "update it", RefuseCode.BAD_METADATA)
-    if not isinstance(fields, dict) or set(fields) != set(sent) | {"filekey", "salt", RECEIVED_FIELD}:
+    if not isinstance(fields, dict) or set(fields) != set(sent) | {"filekey", "salt", RECEIVED_FIELD, RESUME_FIELD}:
         raise RemoteProtocolError("reply does not carry exactly the expected fields", RefuseCode.BAD_METADATA)
     if fields["metaCRC"] != meta_crc(fields):
         raise RemoteProtocolError("reply metaCRC does not match", RefuseCode.META_CRC)
@@ -364,4 +368,8 @@ def check_reply(sent: Mapping[str, Any], data: bytes) -> tuple[bytes, bytes, int
     received = fields[RECEIVED_FIELD]
     if type(received) is not int or received not in (NEW, SAME_FILE, OTHER_FILE):
         raise RemoteProtocolError(f"reply field {RECEIVED_FIELD!r} must be 0, 1 or 2", RefuseCode.BAD_METADATA)
-    return filekey, salt, received
+    resume = fields[RESUME_FIELD]
+    if not isinstance(resume, str) or not re.fullmatch(r"[0-9a-f]{16}", resume):
+        raise RemoteProtocolError(f"reply field {RESUME_FIELD!r} must be 16 lowercase hex digits",
+                                  RefuseCode.BAD_METADATA)
+    return filekey, salt, received, int(resume, 16)

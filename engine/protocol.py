@@ -217,12 +217,16 @@ class Connection:
         ):
             self.state = State.CRC  # state-triggered: every block has passed
 
-    def set_filesize(self, filesize: int) -> None:
-        """Tell the connection how long the file is (from the decrypted metadata)."""
+    def set_filesize(self, filesize: int, first: int = 0) -> None:
+        """Tell the connection how long the file is (from the decrypted metadata) and from which block
+        its frames go (the REPLY's ``resume``: the blocks before it are on the server already)."""
         if self.filesize is not None:
             raise LocalProtocolError("filesize already set")
+        if not 0 <= first <= block_count(filesize):
+            raise LocalProtocolError(f"resume block {first} is past the file's {block_count(filesize)} blocks")
         self.filesize = filesize
-        if self.state is State.DATA and block_count(filesize) == 0:
+        self._next_block = first
+        if self.state is State.DATA and first >= block_count(filesize):
             self.state = State.CRC
 
     def blocks_remaining(self) -> int:

@@ -34,6 +34,7 @@ from .defaults import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_KEEP_PARTIAL,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_ENVELOPE,
     DEFAULT_MAX_FILE_SIZE,
@@ -77,6 +78,7 @@ class ServerConfig:
     workers: int = 0
     max_clients: int = DEFAULT_MAX_CLIENTS
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    keep_partial: float = DEFAULT_KEEP_PARTIAL
 
 
 class KeyRing:
@@ -157,7 +159,7 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.keys = KeyRing(config.root)
-        self.storage = Storage(config.root, config.max_file_size)
+        self.storage = Storage(config.root, config.max_file_size, config.keep_partial)
         self._tasks: set[asyncio.Task[None]] = set()
         self.pool = WorkerPool(config.workers) if config.workers > 0 else None
         # Writes of transfers whose disk stalled (_Session._write): their own threads, so that stalled
@@ -188,9 +190,11 @@ class Server:
             self.pool.attach(asyncio.get_running_loop())
         listener = self._listener or self.listen()
         accept = asyncio.ensure_future(self._accept_loop(listener))
+        expiry = asyncio.ensure_future(self._expire_loop())
         try:
             await stop.wait()
         finally:
+            expiry.cancel()
             accept.cancel()
             listener.close()
             for task in list(self._tasks):
@@ -199,6 +203,13 @@ class Server:
             if self.pool is not None:
                 self.pool.close()
             self.writers.shutdown(wait=True)
+            self.storage.close()  # kept .part files stay: the next start's sweep removes them
+
+    async def _expire_loop(self) -> None:
+        """Kept .part files wait ``keep_partial`` seconds for a resend, then go."""
+        while True:
+            await asyncio.sleep(min(60.0, max(self.config.keep_partial / 4, 0.05)))
+            await asyncio.get_running_loop().run_in_executor(None, self.storage.expire)
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -251,6 +262,10 @@ class _Session:
         self.failure: M2YError | None = None
         self._immediate = 0  # reads since this session last yielded to the event loop
         self.acked = False
+        self.client_gone = False  # the client closed or reset the connection
+        # (prefix CRC, CRC since, bytes since, prefix bytes, chained): what the written bytes' CRC is
+        # made of, joined only if the transfer is kept for a resend (a join per batch would cost ~5%)
+        self.crc_parts: tuple[int, int, int, int, bool] | None = None
         self.busy_here = False  # the server itself is working (begin, a slow write): no client clock runs
         self.slow_disk = False  # a write stalled: this transfer's writes go to a thread (_write)
         # A deadline no trickle of bytes can push back: the handshake, then the first authenticated
@@ -296,8 +311,20 @@ class _Session:
         finally:
             self._watchdog.cancel()
             if self.incoming is not None and not self.incoming.done:
-                self.incoming.abort()
+                outcome += self._keep_or_abort(self.incoming)
             self._log(outcome)
+
+    def _keep_or_abort(self, incoming: Incoming) -> str:
+        """A sender that went away (closed, reset, silent) after some batches were written may send
+        again: keep what it sent. Any other failure (a bad block or CRC, our disk, a stop) removes it."""
+        if (self.client_gone or self.timed_out) and self.failure is None and self.crc_parts is not None:
+            prefix_crc, crc, since, prefix_len, chained = self.crc_parts
+            full = crc64_combine(prefix_crc, crc, since) if chained else crc
+            if incoming.suspend(full, prefix_len + since):
+                return f"; kept {incoming.written} B for a resend"
+            return ""
+        incoming.abort()
+        return ""
 
     def _idle(self) -> float:
         return self.server.config.idle_timeout
@@ -357,12 +384,17 @@ class _Session:
                 await asyncio.sleep(0)
             buf = conn.get_buffer()
             try:
-                n = sock.recv_into(buf)
-                self._immediate += 1
-            except BlockingIOError:
-                self._immediate = 0
-                n = await loop.sock_recv_into(sock, buf)
+                try:
+                    n = sock.recv_into(buf)
+                    self._immediate += 1
+                except BlockingIOError:
+                    self._immediate = 0
+                    n = await loop.sock_recv_into(sock, buf)
+            except ConnectionError:
+                self.client_gone = True
+                raise
             self.last_rx = loop.time()
+            self.client_gone = n == 0
             conn.buffer_updated(n)
 
     async def _transfer(self) -> str:
@@ -393,11 +425,14 @@ class _Session:
             self.busy_here = False
             self.last_rx = self.loop.time()
         self.incoming = incoming
-        reply, filekey, salt = meta.add_reply_fields(fields, received)
+        first = incoming.resume_block if incoming is not None else 0
+        if incoming is not None and incoming.resume_crc is not None:
+            self.crc_parts = (0, incoming.resume_crc, incoming.written, 0, True)  # kept again if this breaks
+        reply, filekey, salt = meta.add_reply_fields(fields, received, first)
         sealed = envelope.seal(public_key, meta.to_json(reply),
                                envelope.aad(envelope.REPLY, header.from_hash, header.to_hash))
         filesize = fields["filesize"]
-        conn.set_filesize(filesize)
+        conn.set_filesize(filesize, first)
         await self.loop.sock_sendall(self.sock, b"".join(conn.send(ReplyEvent(sealed))))
         if incoming is None:
             # The name holds a finished .data. Whether it is this very file is said only inside the
@@ -412,6 +447,7 @@ class _Session:
                          f"no authenticated block or CRC frame within {self._idle():g} s of the reply")
 
         cipher = BlockCipher(filekey, salt)
+        resumed = incoming.written
         actual = await self._receive_blocks(filekey, salt, filesize, incoming)
         event = await self._next()
         assert isinstance(event, FileCRC)
@@ -441,7 +477,7 @@ class _Session:
             raise
         incoming.finish()  # on the loop: releases the name and the disk reservation
         await self.loop.sock_sendall(self.sock, b"".join(conn.send(AckEvent(cipher.seal_ack(filesize, actual)))))
-        return "ACK"
+        return f"ACK (resumed at {resumed} B)" if resumed else "ACK"
 
 
     async def _receive_blocks(self, filekey: bytes, salt: bytes, filesize: int, incoming: Incoming) -> int:
@@ -450,14 +486,22 @@ class _Session:
         ring.on_failure = self._batch_failed
         self.ring = ring
         free = list(range(ring.depth))
-        crc = 0
+        # The CRC of the bytes written so far: a resumed transfer starts from the kept prefix's. A
+        # chained ring's running CRC covers only what this connection received; joined at the end.
+        prefix_crc, prefix_len = incoming.resume_crc or 0, incoming.written
+        crc, since = (0 if ring.chained else prefix_crc), 0
+
+        def full_crc() -> int:
+            return crc64_combine(prefix_crc, crc, since) if ring.chained else crc
 
         async def retire_oldest() -> None:
-            nonlocal crc
+            nonlocal crc, since
             slot, batch_crc, plain_len = await ring.result()
             self.deadline = None  # this batch authenticated: the sender holds the filekey
             await self._write(incoming, ring.plain(slot, plain_len))
             crc = batch_crc if ring.chained else crc64_combine(crc, batch_crc, plain_len)
+            since += plain_len
+            self.crc_parts = (prefix_crc, crc, since, prefix_len, ring.chained)  # joined only if kept
             free.append(slot)
 
         try:
@@ -475,7 +519,7 @@ class _Session:
             ring.on_failure = None
             ring.close()
             self.ring = None
-        return crc
+        return full_crc()
 
     async def _write(self, incoming: Incoming, views: list[memoryview]) -> None:
         """Write a batch on the loop (a thread hand-off per batch costs ~15% on a fast disk), until

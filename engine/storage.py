@@ -26,13 +26,16 @@ import os
 import re
 import stat
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from .blocks import BLOCK_SIZE, block_count
 from .crc import BytesLike
+from .defaults import DEFAULT_KEEP_PARTIAL
 from .errors import AlreadyReceived, ConfigError, LocalProtocolError, RefuseCode, RemoteProtocolError, one_line
 from .meta import KEY_FOLDERS, MAX_FOLDER_LEN, safe_folder
 from .pool import advance
@@ -98,6 +101,26 @@ def _stored_bytes(dir_fd: int, meta_name: str) -> bytes | None:
             os.close(fd)
     except OSError:
         return None
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    """A file, and no other put in its place (an inode number can be reused at once; its ctime moves)."""
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _reopen_part(name: str, dir_fd: int, partial: Partial) -> int:
+    """The kept .part, opened for writing after its ``written`` bytes; -1 if it is not the file that
+    was kept (swapped, grown, shrunk, gone)."""
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return -1
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or _identity(st) != partial.inode or st.st_size != partial.written:
+        os.close(fd)
+        return -1
+    os.lseek(fd, partial.written, os.SEEK_SET)
+    return fd
 
 
 def _create_file(name: str, dir_fd: int) -> int:
@@ -216,6 +239,8 @@ class Incoming:
     dir_fd: int = field(default=-1, repr=False)
     meta_ours: bool = field(default=False, repr=False)
     meta_bytes: bytes = field(default=b"", repr=False)  # what this transfer wrote as its .meta
+    fields_json: str = field(default="", repr=False)  # its metadata, exactly (for a resend to match)
+    resume_crc: int | None = field(default=None, repr=False)  # set: resumed, ``written`` bytes were there
     tmp_ours: bool = field(default=False, repr=False)
     part_ours: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -308,6 +333,40 @@ class Incoming:
         with self._lock:
             self._close_dir()
         self.store.release(self)
+
+    @property
+    def resume_block(self) -> int:
+        """The block the sender sends from: after the bytes a resumed transfer found, else 0."""
+        return block_count(self.written) if self.resume_crc is not None else 0
+
+    def suspend(self, crc: int, crc_len: int) -> bool:
+        """The sender went away (disconnected, or silent past the idle timeout) after ``written`` bytes
+        were written, whose CRC is ``crc`` over ``crc_len`` bytes: keep the .part and .meta for a
+        resend of the same metadata (``Storage.begin`` resumes it). False, after ``abort()``, when
+        what is on disk cannot be resumed (no whole blocks, a CRC of other bytes, a file of another
+        size). Call it on the event loop, instead of ``abort()``."""
+        partial = None
+        with self._lock:
+            whole = self.written % BLOCK_SIZE == 0 or self.written == self.filesize
+            if (not self.done and not self.linked and self.fd >= 0 and self.dir_fd >= 0 and self.meta_ours
+                    and 0 < self.written == crc_len and whole and self.store.keep_partial > 0):
+                try:
+                    st = os.fstat(self.fd)
+                except OSError:
+                    st = None
+                if st is not None and st.st_size == self.written:
+                    self.done = True
+                    fd, self.fd = self.fd, -1
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                    dir_fd, self.dir_fd = self.dir_fd, -1
+                    partial = Partial(self.fields_json, self.written, crc, _identity(st), dir_fd,
+                                      self.part_path.name, self.meta_path.name, time.monotonic())
+        if partial is None:
+            self.abort()
+            return False
+        self.store.keep(self, partial)
+        return True
 
     def abort(self) -> None:
         """Forget a failed transfer: remove only what it created. Idempotent; keeps a linked .data and its .meta."""
@@ -526,6 +585,43 @@ def _sweep_folder(dir_fd: int, path: Path, depth: int, senders: set[str],
             os.fsync(dir_fd)
 
 
+@dataclass
+class Partial:
+    """A transfer cut short by its sender: its .part (``written`` bytes, CRC ``crc``) and .meta wait
+    for a resend of the same metadata, in the folder ``dir_fd`` (kept open: no path is resolved again)."""
+
+    fields_json: str
+    written: int
+    crc: int
+    inode: tuple[int, int, int]  # (st_dev, st_ino, st_ctime_ns) of the .part: one swapped in since is not resumed
+    dir_fd: int
+    part_name: str
+    meta_name: str
+    kept_at: float
+
+    def remove(self) -> None:
+        """Expired or replaced: remove the .part (if it is still ours) and its .meta."""
+        try:
+            st = os.lstat(self.part_name, dir_fd=self.dir_fd)
+            if _identity(st) == self.inode:
+                os.unlink(self.meta_name, dir_fd=self.dir_fd)
+                os.unlink(self.part_name, dir_fd=self.dir_fd)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("cannot remove the kept %s: %s", self.part_name, exc.strerror or exc)
+        finally:
+            self.forget()
+
+    def forget(self) -> None:
+        if self.dir_fd >= 0:
+            fd, self.dir_fd = self.dir_fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+MAX_PARTIALS = 64  # kept at once; the oldest goes first
+
+
 class Storage:
     """The server's files under ROOT, shared by all its connections.
 
@@ -533,10 +629,12 @@ class Storage:
     received and their disk reservations is guarded by ``_table``.
     """
 
-    def __init__(self, root: Path, max_file_size: int) -> None:
+    def __init__(self, root: Path, max_file_size: int, keep_partial: float = DEFAULT_KEEP_PARTIAL) -> None:
         self.root = root
         self.max_file_size = max_file_size
+        self.keep_partial = keep_partial
         self._active: dict[str, Incoming] = {}
+        self._partial: dict[str, Partial] = {}  # cut short, waiting for a resend (in this process only)
         self._table = threading.Lock()  # begin() may run in executor threads, several at once
         # ... one at a time: a loser must not rmdir a folder a winner uses (re-entrant: a failing
         # begin cleans up under it; an abort elsewhere leaves new folders if a begin is running)
@@ -586,6 +684,7 @@ class Storage:
         finally:
             os.close(home_fd)
         try:
+            incoming.fields_json = _exact(fields)
             self._check_and_open(incoming, folder, meta_bytes, fields)
         except BaseException:
             incoming.abort()  # removes what this transfer made; releases only if it was registered
@@ -608,13 +707,24 @@ class Storage:
                 name = incoming.data_path.name
                 same = _holds_same(dir_fd, name, incoming.meta_path.name, fields)
                 raise AlreadyReceived(f"{name} was already received ({'the same' if same else 'another'} file)", same)
+            gone = self._expired()
+            partial = self._partial.pop(incoming.key, None)
+            if partial is not None and partial.fields_json == incoming.fields_json:
+                incoming.written, incoming.resume_crc = partial.written, partial.crc  # checked on disk below
             free = psutil.disk_usage(str(incoming.data_path.parent)).free - self.reserved()
-            if incoming.filesize > free:
+            if incoming.filesize - incoming.written > free:
+                incoming.written, incoming.resume_crc = 0, None
+                if partial is not None:
+                    gone.append(partial)  # it cannot be finished now: free its space
                 raise RemoteProtocolError(
                     f"file of {incoming.filesize} bytes does not fit: {max(free, 0)} bytes free on the server",
                     RefuseCode.NO_SPACE,
                 )
             self._active[incoming.key] = incoming
+        for p in gone:
+            p.remove()
+        if partial is not None and incoming.resume_crc is None:
+            partial.remove()  # other metadata under this name: a new transfer replaces the kept one
         tmp = incoming._tmp_name
         fd = _create_file(tmp, dir_fd)
         incoming.tmp_ours = True
@@ -626,8 +736,47 @@ class Storage:
         os.replace(tmp, incoming.meta_path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         incoming.tmp_ours, incoming.meta_ours, incoming.meta_bytes = False, True, meta_bytes
         os.fsync(dir_fd)
-        incoming.fd = _create_file(incoming.part_path.name, dir_fd)
+        if partial is not None and incoming.resume_crc is not None:
+            incoming.fd = _reopen_part(incoming.part_path.name, dir_fd, partial)
+            partial.forget()
+            if incoming.fd < 0:  # not the file that was kept: start afresh
+                incoming.written, incoming.resume_crc = 0, None
+        if incoming.fd < 0:
+            incoming.fd = _create_file(incoming.part_path.name, dir_fd)
         incoming.part_ours = True
+
+    def keep(self, incoming: Incoming, partial: Partial) -> None:
+        """Register a suspended transfer's files for a resend; releases its name and reservation."""
+        with self._table:
+            old = self._partial.pop(incoming.key, None)
+            self._partial[incoming.key] = partial
+            if self._active.get(incoming.key) is incoming:
+                del self._active[incoming.key]
+            gone = self._expired()
+        for p in [*gone, *([old] if old else [])]:
+            p.remove()
+
+    def expire(self) -> None:
+        """Remove kept transfers older than ``keep_partial`` (and the oldest beyond MAX_PARTIALS)."""
+        with self._table:
+            gone = self._expired()
+        for p in gone:
+            p.remove()
+
+    def close(self) -> None:
+        """At server stop: kept files stay on disk (the next start's sweep removes them); close their folders."""
+        with self._table:
+            kept, self._partial = list(self._partial.values()), {}
+        for p in kept:
+            p.forget()
+
+    def _expired(self) -> list[Partial]:
+        """Under ``_table``: take the entries to remove out of the table."""
+        now = time.monotonic()
+        gone = [k for k, p in self._partial.items() if now - p.kept_at > self.keep_partial]
+        gone += [k for k in list(self._partial)[: max(len(self._partial) - len(gone) - MAX_PARTIALS, 0)]
+                 if k not in gone]
+        return [self._partial.pop(k) for k in gone]
 
     def release(self, incoming: Incoming) -> None:
         with self._table:

@@ -163,6 +163,7 @@ class Handshake:
     fields: dict[str, Any]
     cipher: BlockCipher
     received: int = 0  # the reply's "received": meta.NEW, SAME_FILE or OTHER_FILE
+    first: int = 0  # the reply's "resume": the block to send from
 
     def send_frames(self, frames: bytes) -> None:
         """Send all block frames through the protocol (their content may be tampered with)."""
@@ -196,9 +197,9 @@ def handshake(root: Path, port: int, fields: dict[str, Any]) -> Handshake:
     assert isinstance(event, Reply), f"expected a reply, got {event!r}"
     priv = load_private(private_key_path(root, fields["from"]))
     plain = envelope.open_(priv, event.envelope, envelope.aad(envelope.REPLY, fh, th))
-    filekey, salt, received = meta.check_reply(sent, plain)
-    client.conn.set_filesize(fields["filesize"])
-    return Handshake(client, fields, BlockCipher(filekey, salt), received)
+    filekey, salt, received, first = meta.check_reply(sent, plain)
+    client.conn.set_filesize(fields["filesize"], first)
+    return Handshake(client, fields, BlockCipher(filekey, salt), received, first)
 
 
 def sealed_frames(cipher: BlockCipher, payload: bytes) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shutil
 import signal
 import stat
@@ -335,3 +336,37 @@ def test_meta_of_odd_files_fails_each_on_its_own_line(root: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert nohome.returncode == 2 and len(nohome.stderr.strip().splitlines()) == 1, nohome.stderr
     assert "no home" in nohome.stderr
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_an_interrupted_send_resumes_where_it_broke_off(root: Path, workers: str) -> None:
+    """A sender that goes away after 5 of 6 batches leaves what the server wrote of them (the batches
+    still in its ring are lost); `m2y send` of the same .meta then sends only the rest, and the file
+    arrives whole, its CRC checked over all of it (inline, and with a worker, whose CRCs are joined)."""
+    server = start_server(root, "--workers", workers)
+    try:
+        _interrupt_and_resume(root, server)
+    finally:
+        server.stop()
+
+
+def _interrupt_and_resume(root: Path, server: ServerProcess) -> None:
+    size = 5 * 2**20 + 5
+    data, meta_path = make_file(root, size)
+    fields = meta.read_meta_file(meta_path)
+    hs = handshake(root, server.port, fields)
+    assert hs.first == 0
+    frames = sealed_frames(hs.cipher, data.read_bytes())
+    hs.client.sendall(frames[: 5 * 16 * (BLOCK_SIZE + 16)])  # five whole batches of 16 blocks, of six
+    part = target(root, fields, ".part")
+    assert wait_until(lambda: part.exists() and part.stat().st_size >= 2**20)
+    hs.client.close()  # the network goes down
+    assert wait_until(lambda: "for a resend" in server.log())
+    kept = int(re.search(r"kept (\d+) B for a resend", server.log()).group(1))  # type: ignore[union-attr]
+    assert kept in range(2**20, 5 * 2**20 + 1, 2**20) and part.stat().st_size == kept
+    again = run_send(root, server.port, meta_path)
+    assert again.returncode == 0, again.stderr
+    assert f"ACK, {size} bytes, resumed at {kept}: {size - kept} sent" in again.stdout
+    assert target(root, fields).read_bytes() == data.read_bytes()
+    assert not part.exists()
+    assert wait_until(lambda: f"ACK (resumed at {kept} B)" in server.log())

@@ -344,12 +344,12 @@ def test_reply_round_trip() -> None:
     reply, filekey, salt = meta.add_reply_fields(sent)
     assert len(filekey) == 16 and len(salt) == 4
     assert reply["filekey"] == filekey.hex() and reply["salt"] == salt.hex()
-    assert set(reply) == {*sent, "filekey", "salt", "received"}
-    assert reply["received"] == 0
+    assert set(reply) == {*sent, "filekey", "salt", "received", "resume"}
+    assert reply["received"] == 0 and reply["resume"] == "0" * 16
     assert {k: reply[k] for k in sent if k != "metaCRC"} == {k: v for k, v in sent.items() if k != "metaCRC"}
     assert reply["metaCRC"] == reference_crc64(oracle_canonical(reply))
-    assert meta.check_reply(sent, meta.to_json(reply)) == (filekey, salt, 0)
-    assert meta.parse(meta.to_json(reply), extra=("filekey", "salt", "received")) == reply
+    assert meta.check_reply(sent, meta.to_json(reply)) == (filekey, salt, 0, 0)
+    assert meta.parse(meta.to_json(reply), extra=("filekey", "salt", "received", "resume")) == reply
     assert sent == sent_fields()  # not modified in place
 
 
@@ -357,7 +357,7 @@ def test_reply_round_trip() -> None:
 def test_reply_says_what_the_server_holds(received: int) -> None:
     sent = sent_fields()
     reply, filekey, salt = meta.add_reply_fields(sent, received)
-    assert meta.check_reply(sent, meta.to_json(reply)) == (filekey, salt, received)
+    assert meta.check_reply(sent, meta.to_json(reply)) == (filekey, salt, received, 0)
 
 
 def test_reply_length_does_not_tell_what_the_server_holds() -> None:
@@ -366,8 +366,8 @@ def test_reply_length_does_not_tell_what_the_server_holds() -> None:
     the random filekey, alike for all three; everything else has one length."""
     sent = sent_fields()
     lengths = set()
-    for received in (0, 1, 2):
-        reply = meta.add_reply_fields(sent, received)[0]
+    for received, resume in ((0, 0), (1, 0), (2, 0), (0, 1), (0, 2**40 + 3)):
+        reply = meta.add_reply_fields(sent, received, resume)[0]
         lengths.add(len(meta.to_json(reply)) - len(str(reply["metaCRC"])))
     assert len(lengths) == 1
 
@@ -383,7 +383,7 @@ def test_reply_keys_are_fresh() -> None:
 def reply_bytes(sent: dict[str, Any], **changes: Any) -> bytes:
     """A reply built here, with ``changes`` applied before the metaCRC is computed; None deletes."""
     reply = {k: v for k, v in sent.items() if k != "metaCRC"} | {"filekey": "ab" * 16, "salt": "cd" * 4,
-                                                                  "received": 0}
+                                                                  "received": 0, "resume": "0" * 16}
     for name, value in changes.items():
         if value is None:
             del reply[name]
@@ -400,8 +400,9 @@ def check_reply_refused(sent: dict[str, Any], data: bytes, code: RefuseCode) -> 
 
 def test_check_reply_accepts_independent_reply() -> None:
     sent = sent_fields()
-    assert meta.check_reply(sent, reply_bytes(sent)) == (b"\xab" * 16, b"\xcd" * 4, 0)
-    assert meta.check_reply(sent, reply_bytes(sent, received=1)) == (b"\xab" * 16, b"\xcd" * 4, 1)
+    assert meta.check_reply(sent, reply_bytes(sent)) == (b"\xab" * 16, b"\xcd" * 4, 0, 0)
+    assert meta.check_reply(sent, reply_bytes(sent, received=1)) == (b"\xab" * 16, b"\xcd" * 4, 1, 0)
+    assert meta.check_reply(sent, reply_bytes(sent, resume="00000000000000ff"))[3] == 255
 
 
 @pytest.mark.parametrize(
@@ -459,8 +460,17 @@ def test_check_reply_rejects_bad_key_or_salt(changes: dict[str, Any]) -> None:
 
 def test_check_reply_names_an_older_server() -> None:
     sent = sent_fields()
-    with pytest.raises(RemoteProtocolError, match="runs an older m2y"):
-        meta.check_reply(sent, reply_bytes(sent, received=None))
+    for older in ({"received": None, "resume": None}, {"resume": None}):
+        with pytest.raises(RemoteProtocolError, match="runs an older m2y"):
+            meta.check_reply(sent, reply_bytes(sent, **older))
+
+
+@pytest.mark.parametrize("value", [0, 5, "ff", "0" * 15, "0" * 17, "000000000000000G", "00000000000000FF", None])
+def test_check_reply_rejects_bad_resume(value: Any) -> None:
+    """16 lowercase hex digits: one length whatever the value (and a missing one is an older server)."""
+    sent = sent_fields()
+    with pytest.raises(RemoteProtocolError):
+        meta.check_reply(sent, reply_bytes(sent, resume=value))
 
 
 @pytest.mark.parametrize("value", [3, -1, True, False, "1", 1.0, [1], {}])
@@ -492,7 +502,7 @@ def test_reply_must_echo_the_nonce() -> None:
     fields = meta.make("zhenqiang", "roland-frei", "photo", "x.bin", 1, 2, when=WHEN)
     sent = meta.request(fields)
     reply, key, salt = meta.add_reply_fields(sent)
-    assert meta.check_reply(sent, meta.to_json(reply)) == (key, salt, meta.NEW)
+    assert meta.check_reply(sent, meta.to_json(reply)) == (key, salt, meta.NEW, 0)
     # A forger who knows every field but the nonce, claiming the file is already there.
     guessed, _, _ = meta.add_reply_fields(fields, meta.SAME_FILE)
     with pytest.raises(RemoteProtocolError):

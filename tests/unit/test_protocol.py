@@ -500,11 +500,11 @@ def frames_len(filesize: int, first: int, count: int) -> int:
     return total
 
 
-def client_in_data(filesize: int = FILESIZE) -> Connection:
+def client_in_data(filesize: int = FILESIZE, first: int = 0) -> Connection:
     client = client_waiting_for_reply()
     client.receive_data(struct.pack(">QQ", 1, 3) + b"rep")
     assert drain(client) == [Reply(b"rep")]
-    client.set_filesize(filesize)
+    client.set_filesize(filesize, first)
     assert client.state is (State.DATA if filesize else State.CRC)
     return client
 
@@ -892,3 +892,47 @@ def test_frame_offsets_and_frames_size(
 ) -> None:
     assert frame_offsets(filesize, first, count) == expected
     assert frames_size(filesize, first, count) == sum(size for _, _, size in expected)
+
+
+# -- resuming: the data phase from block k on ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("filesize", "first"), [(5 * BLOCK + 7, 2), (5 * BLOCK + 7, 5), (4 * BLOCK, 4),
+                                                 (4 * BLOCK, 0), (3, 1)])
+def test_resumed_data_phase_starts_at_its_block(filesize: int, first: int) -> None:
+    """Both sides set the same first block (the REPLY's resume): the client sends frames first..n-1,
+    the server delivers exactly those, then the CRC frame; blocks before ``first`` are refused."""
+    pair = ConnectionPair(batch=2, feeder=make_feeder("random", first))
+    client, server = pair.client, pair.server
+    pair.send(client, Header(len(ENVELOPE), FROM_HASH, TO_HASH), Envelope(ENVELOPE))
+    drain(server)
+    server.set_filesize(filesize, first)
+    pair.send(server, Reply(REPLY))
+    drain(client)
+    client.set_filesize(filesize, first)
+    nblocks = (filesize + BLOCK - 1) // BLOCK
+    assert client.blocks_remaining() == server.blocks_remaining() == nblocks - first
+    frames = seal_frames(file_bytes(filesize))
+    if 0 < first < nblocks:  # on a twin: a refused send leaves its connection in ERROR
+        with pytest.raises(LocalProtocolError, match="out of order"):
+            client_in_data(filesize, first).send(Blocks(first - 1, 1, memoryview(frames[first - 1])))
+    stream = bytearray()
+    for index in range(first, nblocks):
+        stream += b"".join(bytes(x) for x in client.send(Blocks(index, 1, memoryview(frames[index]))))
+    sealed_crc = BlockCipher(FILEKEY, SALT).seal_crc(1)
+    stream += wire(client, FileCRC(sealed_crc))
+    pair.feeder(server, bytes(stream))
+    events = drain(server)
+    assert events[-1] == FileCRC(sealed_crc)
+    got = blocks_of(events[:-1])
+    assert [b.first for b in got] == list(range(first, nblocks, 2))
+    assert b"".join(bytes(b.data) for b in got) == b"".join(frames[first:])
+    assert server.state is State.ACK
+
+
+def test_resume_block_past_the_file_is_refused() -> None:
+    client = Connection(Role.CLIENT)
+    with pytest.raises(LocalProtocolError, match="past the file"):
+        client.set_filesize(3 * BLOCK, 4)
+    with pytest.raises(LocalProtocolError, match="past the file"):
+        Connection(Role.SERVER).set_filesize(3 * BLOCK, -1)

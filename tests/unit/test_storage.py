@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import threading
+import time
 from collections import namedtuple
 from pathlib import Path
 from typing import Any
@@ -1004,3 +1005,91 @@ def test_lock_root_falls_back_to_a_read_only_lock(root: Path, monkeypatch: pytes
             lock_root(root)
     finally:
         os.close(fd)
+
+
+# -- resuming a transfer its sender broke off ---------------------------------------------------
+
+B = 65536
+
+
+def _cut_short(store: Storage, size: int, blocks: int, f: dict[str, Any] | None = None) -> bytes:
+    """A transfer of ``size`` bytes that wrote ``blocks`` whole blocks, then its sender went away."""
+    from engine.crc import crc64
+
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    incoming = store.begin(f or fields(size))
+    incoming.write(data[: blocks * B])
+    assert incoming.suspend(crc64(data[: blocks * B]), blocks * B)
+    return data
+
+
+def test_a_resend_of_the_same_metadata_resumes_after_the_kept_blocks(root: Path) -> None:
+    from engine.crc import crc64
+
+    store = Storage(root, max_file_size=10 * MiB)
+    data = _cut_short(store, 5 * B + 9, 3)
+    stem = target(root)
+    assert with_suffix(stem, ".part").stat().st_size == 3 * B and with_suffix(stem, ".meta").exists()
+    assert store.reserved() == 0  # a kept transfer holds no reservation and no name
+    again = store.begin(fields(5 * B + 9))
+    assert (again.resume_block, again.written, again.resume_crc) == (3, 3 * B, crc64(data[: 3 * B]))
+    assert store.reserved() == 2 * B + 9
+    again.write(data[3 * B:])
+    again.commit()
+    again.finish()
+    assert with_suffix(stem, ".data").read_bytes() == data
+
+
+def test_other_metadata_under_the_name_starts_afresh(root: Path) -> None:
+    store = Storage(root, max_file_size=10 * MiB)
+    _cut_short(store, 5 * B, 2)
+    other = store.begin(dict(fields(5 * B), fileCRC=1))
+    assert (other.resume_block, other.written, other.resume_crc) == (0, 0, None)
+    assert with_suffix(target(root), ".part").stat().st_size == 0
+    other.abort()
+
+
+@pytest.mark.parametrize("change", ["grown", "swapped", "gone"])
+def test_a_kept_part_changed_on_disk_is_not_resumed(root: Path, change: str) -> None:
+    store = Storage(root, max_file_size=10 * MiB)
+    _cut_short(store, 5 * B, 2)
+    part = with_suffix(target(root), ".part")
+    if change == "grown":
+        with open(part, "ab") as f:
+            f.write(b"x")
+    elif change == "swapped":  # same size, perhaps the same inode number: its ctime tells it apart
+        part.unlink()
+        time.sleep(0.02)  # past a coarse clock tick, for kernels without fine-grained ctimes
+        part.write_bytes(bytes(2 * B))
+    else:
+        part.unlink()
+    again = store.begin(fields(5 * B))
+    assert (again.resume_block, again.written, again.resume_crc) == (0, 0, None)
+    assert part.stat().st_size == 0
+    again.abort()
+
+
+def test_kept_parts_expire(root: Path) -> None:
+    store = Storage(root, max_file_size=10 * MiB, keep_partial=0.05)
+    _cut_short(store, 5 * B, 2)
+    time.sleep(0.1)
+    store.expire()
+    assert not with_suffix(target(root), ".part").exists() and not with_suffix(target(root), ".meta").exists()
+    again = store.begin(fields(5 * B))
+    assert again.resume_block == 0
+    again.abort()
+
+
+def test_nothing_to_resume_is_not_kept(root: Path) -> None:
+    """No whole block, a CRC of other bytes, or keeping switched off: removed as before."""
+    store = Storage(root, max_file_size=10 * MiB)
+    for written, crc_len in ((0, 0), (B // 2, B // 2), (B, B - 1)):
+        incoming = store.begin(fields(5 * B))
+        incoming.write(bytes(written))
+        assert not incoming.suspend(0, crc_len)
+        assert not with_suffix(target(root), ".part").exists()
+    off = Storage(root, max_file_size=10 * MiB, keep_partial=0)
+    incoming = off.begin(fields(5 * B))
+    incoming.write(bytes(B))
+    assert not incoming.suspend(0, B)
+    assert not with_suffix(target(root), ".part").exists()
