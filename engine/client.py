@@ -329,7 +329,7 @@ def _lazy(factory: Callable[[Path, int], Progress] | None, meta_path: Path) -> P
 
 
 def _final_name(meta_path: Path, suffix: str) -> Path:
-    if meta_path.suffix == ".meta":
+    if meta_path.suffix in (".meta", ".failed"):  # a .failed sent again (to resume) ends as .done
         return meta_path.with_suffix(suffix)
     return meta_path.with_name(meta_path.name + suffix)
 

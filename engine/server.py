@@ -190,7 +190,7 @@ class Server:
             self.pool.attach(asyncio.get_running_loop())
         listener = self._listener or self.listen()
         accept = asyncio.ensure_future(self._accept_loop(listener))
-        expiry = asyncio.ensure_future(self._expire_loop())
+        expiry = asyncio.ensure_future(self._expire_loop() if self.config.keep_partial > 0 else asyncio.sleep(0))
         try:
             await stop.wait()
         finally:

@@ -241,6 +241,7 @@ class Incoming:
     meta_bytes: bytes = field(default=b"", repr=False)  # what this transfer wrote as its .meta
     fields_json: str = field(default="", repr=False)  # its metadata, exactly (for a resend to match)
     resume_crc: int | None = field(default=None, repr=False)  # set: resumed, ``written`` bytes were there
+    partial: Partial | None = field(default=None, repr=False)  # the kept part this transfer took over
     tmp_ours: bool = field(default=False, repr=False)
     part_ours: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -635,6 +636,7 @@ class Storage:
         self.keep_partial = keep_partial
         self._active: dict[str, Incoming] = {}
         self._partial: dict[str, Partial] = {}  # cut short, waiting for a resend (in this process only)
+        self._removing: list[Partial] = []  # out of the table, for expire() to remove
         self._table = threading.Lock()  # begin() may run in executor threads, several at once
         # ... one at a time: a loser must not rmdir a folder a winner uses (re-entrant: a failing
         # begin cleans up under it; an abort elsewhere leaves new folders if a begin is running)
@@ -693,7 +695,41 @@ class Storage:
 
     def _check_and_open(self, incoming: Incoming, folder: str, meta_bytes: bytes, fields: dict[str, Any]) -> None:
         dir_fd, stem = incoming.dir_fd, incoming.data_path.name.removesuffix(".data")
-        with self._table:  # check and claim the name and the space in one step
+        gone: list[Partial] = []
+        try:
+            self._claim(incoming, folder, stem, fields, gone)
+        finally:
+            for p in gone:  # expired kept parts, whatever happens to this request (under _begins)
+                p.remove()
+        partial = incoming.partial
+        try:
+            tmp = incoming._tmp_name
+            fd = _create_file(tmp, dir_fd)
+            incoming.tmp_ours = True
+            try:
+                _write_all(fd, meta_bytes)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, incoming.meta_path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            incoming.tmp_ours, incoming.meta_ours, incoming.meta_bytes = False, True, meta_bytes
+            os.fsync(dir_fd)
+            if partial is not None:
+                incoming.fd = _reopen_part(incoming.part_path.name, dir_fd, partial)
+                if incoming.fd < 0:  # not the file that was kept: start afresh
+                    incoming.written, incoming.resume_crc = 0, None
+            if incoming.fd < 0:
+                incoming.fd = _create_file(incoming.part_path.name, dir_fd)
+            incoming.part_ours = True
+        finally:
+            if partial is not None:
+                partial.forget()  # its folder descriptor: this transfer has its own
+
+    def _claim(self, incoming: Incoming, folder: str, stem: str, fields: dict[str, Any], gone: list[Partial]) -> None:
+        """Check and claim the name and the space in one step, under ``_table``; a kept part of this
+        name with the same metadata goes to ``incoming.partial``; expired ones to ``gone``."""
+        dir_fd = incoming.dir_fd
+        with self._table:
             # Under the lock, and BUSY first: a transfer of this name leaves the table only once its
             # commit is durable or undone (finish/abort), so a .data seen here is never one whose
             # link or folder fsync is still under way (that could be vouched for, then undone).
@@ -707,66 +743,54 @@ class Storage:
                 name = incoming.data_path.name
                 same = _holds_same(dir_fd, name, incoming.meta_path.name, fields)
                 raise AlreadyReceived(f"{name} was already received ({'the same' if same else 'another'} file)", same)
-            gone = self._expired()
-            partial = self._partial.pop(incoming.key, None)
-            if partial is not None and partial.fields_json == incoming.fields_json:
+            gone += self._expired()
+            partial = self._partial.get(incoming.key)
+            if partial is not None and partial.fields_json != incoming.fields_json:
+                # Nothing is authenticated yet: replacing the kept part on an unproven request
+                # would let a stranger who knows the name destroy it. m2y meta never reuses a
+                # datetime, so the real sender resends exactly the kept metadata.
+                raise RemoteProtocolError(
+                    f"{folder}/{stem}: the part of an interrupted send is kept for a resend of the same "
+                    f".meta; another .meta under this name is refused until it expires", RefuseCode.BUSY)
+            if partial is not None:
                 incoming.written, incoming.resume_crc = partial.written, partial.crc  # checked on disk below
             free = psutil.disk_usage(str(incoming.data_path.parent)).free - self.reserved()
-            if incoming.filesize - incoming.written > free:
-                incoming.written, incoming.resume_crc = 0, None
-                if partial is not None:
-                    gone.append(partial)  # it cannot be finished now: free its space
-                raise RemoteProtocolError(
-                    f"file of {incoming.filesize} bytes does not fit: {max(free, 0)} bytes free on the server",
-                    RefuseCode.NO_SPACE,
-                )
+            need = incoming.filesize - incoming.written
+            if need > free:
+                incoming.written, incoming.resume_crc = 0, None  # the kept part stays for later
+                raise RemoteProtocolError(f"file of {need} bytes does not fit: {max(free, 0)} bytes free "
+                                          "on the server", RefuseCode.NO_SPACE)
+            if partial is not None:
+                del self._partial[incoming.key]  # this transfer takes it over
+                incoming.partial = partial
             self._active[incoming.key] = incoming
-        for p in gone:
-            p.remove()
-        if partial is not None and incoming.resume_crc is None:
-            partial.remove()  # other metadata under this name: a new transfer replaces the kept one
-        tmp = incoming._tmp_name
-        fd = _create_file(tmp, dir_fd)
-        incoming.tmp_ours = True
-        try:
-            _write_all(fd, meta_bytes)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, incoming.meta_path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        incoming.tmp_ours, incoming.meta_ours, incoming.meta_bytes = False, True, meta_bytes
-        os.fsync(dir_fd)
-        if partial is not None and incoming.resume_crc is not None:
-            incoming.fd = _reopen_part(incoming.part_path.name, dir_fd, partial)
-            partial.forget()
-            if incoming.fd < 0:  # not the file that was kept: start afresh
-                incoming.written, incoming.resume_crc = 0, None
-        if incoming.fd < 0:
-            incoming.fd = _create_file(incoming.part_path.name, dir_fd)
-        incoming.part_ours = True
 
     def keep(self, incoming: Incoming, partial: Partial) -> None:
-        """Register a suspended transfer's files for a resend; releases its name and reservation."""
+        """Register a suspended transfer's files for a resend; releases its name and reservation.
+        On the event loop: removes nothing itself (``expire`` does, in a thread, under ``_begins``)."""
         with self._table:
-            old = self._partial.pop(incoming.key, None)
+            old = self._partial.pop(incoming.key, None)  # none: a transfer takes its name's entry over
             self._partial[incoming.key] = partial
             if self._active.get(incoming.key) is incoming:
                 del self._active[incoming.key]
-            gone = self._expired()
-        for p in [*gone, *([old] if old else [])]:
-            p.remove()
+            if old is not None:
+                self._removing.append(old)
 
     def expire(self) -> None:
-        """Remove kept transfers older than ``keep_partial`` (and the oldest beyond MAX_PARTIALS)."""
-        with self._table:
-            gone = self._expired()
-        for p in gone:
-            p.remove()
+        """Remove kept transfers older than ``keep_partial`` (and the oldest beyond MAX_PARTIALS).
+        Blocking: under ``_begins``, so no begin is between writing a name's .meta and its .part."""
+        with self._begins:
+            with self._table:
+                gone = self._expired() + self._removing
+                self._removing = []
+            for p in gone:
+                p.remove()
 
     def close(self) -> None:
         """At server stop: kept files stay on disk (the next start's sweep removes them); close their folders."""
         with self._table:
-            kept, self._partial = list(self._partial.values()), {}
+            kept, self._partial = [*self._partial.values(), *self._removing], {}
+            self._removing = []
         for p in kept:
             p.forget()
 

@@ -364,9 +364,11 @@ def _interrupt_and_resume(root: Path, server: ServerProcess) -> None:
     assert wait_until(lambda: "for a resend" in server.log())
     kept = int(re.search(r"kept (\d+) B for a resend", server.log()).group(1))  # type: ignore[union-attr]
     assert kept in range(2**20, 5 * 2**20 + 1, 2**20) and part.stat().st_size == kept
-    again = run_send(root, server.port, meta_path)
+    failed = meta_path.rename(meta_path.with_suffix(".failed"))  # what a client that lost its link made of it
+    again = run_send(root, server.port, failed)
     assert again.returncode == 0, again.stderr
     assert f"ACK, {size} bytes, resumed at {kept}: {size - kept} sent" in again.stdout
+    assert meta_path.with_suffix(".done").exists() and not failed.exists()
     assert target(root, fields).read_bytes() == data.read_bytes()
     assert not part.exists()
     assert wait_until(lambda: f"ACK (resumed at {kept} B)" in server.log())

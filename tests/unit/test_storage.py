@@ -1040,13 +1040,41 @@ def test_a_resend_of_the_same_metadata_resumes_after_the_kept_blocks(root: Path)
     assert with_suffix(stem, ".data").read_bytes() == data
 
 
-def test_other_metadata_under_the_name_starts_afresh(root: Path) -> None:
+def test_other_metadata_under_a_kept_name_is_busy(root: Path) -> None:
+    """Nothing is authenticated before the first block: a request under a kept name but with other
+    metadata (a stranger who knows the name) must not replace the kept part. The real resend still
+    resumes; once the kept part expires, the name is free again."""
+    store = Storage(root, max_file_size=10 * MiB, keep_partial=0.3)
+    _cut_short(store, 5 * B, 2)
+    with pytest.raises(RemoteProtocolError) as exc:
+        store.begin(dict(fields(5 * B), fileCRC=1))
+    refusal(exc, RefuseCode.BUSY)
+    assert "kept for a resend" in exc.value.reason
+    assert with_suffix(target(root), ".part").stat().st_size == 2 * B
+    again = store.begin(fields(5 * B))
+    assert again.resume_block == 2
+    again.abort()
+    time.sleep(0.35)
+    store.expire()
+    other = store.begin(dict(fields(5 * B), fileCRC=1))
+    assert other.resume_block == 0
+    other.abort()
+
+
+def test_a_resend_refused_for_space_keeps_the_kept_part(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = Storage(root, max_file_size=10 * MiB)
     _cut_short(store, 5 * B, 2)
-    other = store.begin(dict(fields(5 * B), fileCRC=1))
-    assert (other.resume_block, other.written, other.resume_crc) == (0, 0, None)
-    assert with_suffix(target(root), ".part").stat().st_size == 0
-    other.abort()
+    real = psutil.disk_usage
+    monkeypatch.setattr(psutil, "disk_usage", lambda p: real(p)._replace(free=B))
+    with pytest.raises(RemoteProtocolError) as exc:
+        store.begin(fields(5 * B))
+    refusal(exc, RefuseCode.NO_SPACE)
+    assert f"file of {3 * B} bytes does not fit" in exc.value.reason
+    monkeypatch.undo()
+    assert with_suffix(target(root), ".part").stat().st_size == 2 * B
+    again = store.begin(fields(5 * B))
+    assert again.resume_block == 2
+    again.abort()
 
 
 @pytest.mark.parametrize("change", ["grown", "swapped", "gone"])
