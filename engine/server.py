@@ -302,6 +302,8 @@ class _Session:
             await self._refuse(RefuseCode.INTERNAL, exc.reason)
         except OSError as exc:
             outcome = f"FAILED: {exc.strerror or exc}"
+            if isinstance(exc, ConnectionError):  # the client went away (a reset while we sent): not our disk
+                self.client_gone = True
             code = RefuseCode.NO_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else RefuseCode.INTERNAL
             await self._refuse(code, f"server I/O error: {exc.strerror or exc}")
         except Exception as exc:  # the server survives any client; log the bug

@@ -115,11 +115,15 @@ def _reopen_part(name: str, dir_fd: int, partial: Partial) -> int:
         fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return -1
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or _identity(st) != partial.inode or st.st_size != partial.written:
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or _identity(st) != partial.inode or st.st_size != partial.written:
+            os.close(fd)
+            return -1
+        os.lseek(fd, partial.written, os.SEEK_SET)
+    except OSError:
         os.close(fd)
-        return -1
-    os.lseek(fd, partial.written, os.SEEK_SET)
+        raise
     return fd
 
 
@@ -604,12 +608,17 @@ class Partial:
         """Expired or replaced: remove the .part (if it is still ours) and its .meta."""
         try:
             st = os.lstat(self.part_name, dir_fd=self.dir_fd)
-            if _identity(st) == self.inode:
-                os.unlink(self.meta_name, dir_fd=self.dir_fd)
-                os.unlink(self.part_name, dir_fd=self.dir_fd)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                log.warning("cannot remove the kept %s: %s", self.part_name, exc.strerror or exc)
+        except OSError:
+            st = None
+        try:
+            if st is not None and _identity(st) == self.inode:
+                for name in (self.meta_name, self.part_name):  # the .meta first, each on its own
+                    try:
+                        os.unlink(name, dir_fd=self.dir_fd)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        log.warning("cannot remove the kept %s: %s", name, exc.strerror or exc)
         finally:
             self.forget()
 
@@ -721,6 +730,18 @@ class Storage:
             if incoming.fd < 0:
                 incoming.fd = _create_file(incoming.part_path.name, dir_fd)
             incoming.part_ours = True
+        except BaseException:
+            if partial is not None and incoming.fd < 0:
+                # Failed before the kept .part was taken over: it is not this transfer's to remove, so
+                # it goes back to the table if its .meta is untouched, else it is removed.
+                incoming.written, incoming.resume_crc = 0, None
+                if incoming.meta_ours:
+                    partial.remove()
+                else:
+                    with self._table:
+                        self._partial.setdefault(incoming.key, partial)
+                    partial = None
+            raise
         finally:
             if partial is not None:
                 partial.forget()  # its folder descriptor: this transfer has its own

@@ -32,7 +32,9 @@ class InProcessServer:
         self.server = Server(ServerConfig(root=root, host="127.0.0.1", port=0, **config))
         self.server.listen()
         self.port = self.server.port
-        self.loop = asyncio.new_event_loop()
+        import uvloop  # the loop m2y serve runs on: socket errors surface where they do in production
+
+        self.loop = uvloop.new_event_loop()
         self._stop: asyncio.Event | None = None
         ready = threading.Event()
 
@@ -149,3 +151,52 @@ def test_a_stalled_disk_write_stalls_only_its_own_transfer(root: Path, inproc: I
         assert isinstance(c.next_event(), Ack)
     monkeypatch.undo()
     assert target(root, fields).read_bytes() == payload
+
+
+def test_a_resend_reset_before_its_reply_keeps_the_kept_part(root: Path, inproc: InProcessServer,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept part, then a resend whose connection is reset (RST) while the server is still in
+    begin(): that must count as the client going away again (the part stays kept), not as a server
+    fault (which removes it). Here the reset usually surfaces at the next recv; when it surfaces at
+    the REPLY's send instead (a review's experiment on a real server), server.py's ConnectionError
+    case does the same."""
+    import socket
+    import struct
+
+    from engine.protocol import Envelope, Header
+
+    from .helpers import sealed_request
+
+    payload, fields = payload_fields(6 * 2**20)
+    hs = handshake(root, inproc.port, dict(fields))
+    hs.client.sendall(sealed_frames(hs.cipher, payload)[: 5 * 16 * (65536 + 16)])
+    part = target(root, fields, ".part")
+    assert wait_until(lambda: part.exists() and part.stat().st_size >= 2**20)
+    hs.client.close()
+    assert wait_until(lambda: bool(inproc.server.storage._partial))
+    kept = part.stat().st_size
+    storage = inproc.server.storage
+    real_begin = storage.begin
+
+    def slow_begin(f: dict[str, Any]) -> Any:
+        time.sleep(0.5)  # the client resets meanwhile
+        return real_begin(f)
+
+    monkeypatch.setattr(storage, "begin", slow_begin)
+    sent = meta.request(fields)
+    fh, th, env = sealed_request(root, sent)
+    sock = socket.create_connection(("127.0.0.1", inproc.port), timeout=10)
+    from engine.protocol import Connection, Role
+
+    conn = Connection(Role.CLIENT)
+    for chunk in conn.send(Header(len(env), fh, th)) + conn.send(Envelope(env)):
+        sock.sendall(chunk)
+    time.sleep(0.1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST
+    assert wait_until(lambda: bool(storage._partial) and not storage._active, timeout=10)
+    monkeypatch.undo()
+    assert part.stat().st_size == kept
+    again = handshake(root, inproc.port, dict(fields))
+    assert again.first == kept // 65536
+    again.client.close()

@@ -1121,3 +1121,31 @@ def test_nothing_to_resume_is_not_kept(root: Path) -> None:
     incoming.write(bytes(B))
     assert not incoming.suspend(0, B)
     assert not with_suffix(target(root), ".part").exists()
+
+
+def test_a_begin_failing_before_it_took_the_kept_part_over_puts_it_back(root: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resend's .meta cannot be written (a full disk): the kept part must not be orphaned, it
+    waits for the next resend."""
+    import errno as errno_
+
+    store = Storage(root, max_file_size=10 * MiB)
+    _cut_short(store, 5 * B, 2)
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno_.ENOSPC, "No space")))
+    with pytest.raises(OSError):
+        store.begin(fields(5 * B))
+    monkeypatch.setattr(os, "fsync", real)
+    assert with_suffix(target(root), ".part").stat().st_size == 2 * B
+    again = store.begin(fields(5 * B))
+    assert again.resume_block == 2
+    again.abort()
+
+
+def test_expiry_removes_a_kept_part_whose_meta_is_gone(root: Path) -> None:
+    store = Storage(root, max_file_size=10 * MiB, keep_partial=0.05)
+    _cut_short(store, 5 * B, 2)
+    with_suffix(target(root), ".meta").unlink()
+    time.sleep(0.1)
+    store.expire()
+    assert not with_suffix(target(root), ".part").exists()
