@@ -263,6 +263,7 @@ class _Session:
         self._immediate = 0  # reads since this session last yielded to the event loop
         self.acked = False
         self.client_gone = False  # the client closed or reset the connection
+        self.resumed_from = 0  # bytes of the file the server had kept before this connection
         # (prefix CRC, CRC since, bytes since, prefix bytes, chained): what the written bytes' CRC is
         # made of, joined only if the transfer is kept for a resend (a join per batch would cost ~5%)
         self.crc_parts: tuple[int, int, int, int, bool] | None = None
@@ -354,7 +355,7 @@ class _Session:
 
     def _log(self, outcome: str) -> None:
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        nbytes = self.incoming.written if self.incoming else 0
+        nbytes = self.incoming.written - self.resumed_from if self.incoming else 0  # received on this connection
         log.info("%s %d B %.2f s %.1f MB/s %s", self.label, nbytes, elapsed, nbytes / elapsed / 1e6, outcome)
 
     async def _refuse(self, code: RefuseCode, reason: str) -> None:
@@ -449,7 +450,7 @@ class _Session:
                          f"no authenticated block or CRC frame within {self._idle():g} s of the reply")
 
         cipher = BlockCipher(filekey, salt)
-        resumed = incoming.written
+        resumed = self.resumed_from = incoming.written
         actual = await self._receive_blocks(filekey, salt, filesize, incoming)
         event = await self._next()
         assert isinstance(event, FileCRC)

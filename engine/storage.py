@@ -772,7 +772,8 @@ class Storage:
                 # datetime, so the real sender resends exactly the kept metadata.
                 raise RemoteProtocolError(
                     f"{folder}/{stem}: the part of an interrupted send is kept for a resend of the same "
-                    f".meta; another .meta under this name is refused until it expires", RefuseCode.BUSY)
+                    f".meta; another .meta under this name is refused until it expires (a new .meta, "
+                    f"from m2y meta, gives the file another name)", RefuseCode.BUSY)
             if partial is not None:
                 incoming.written, incoming.resume_crc = partial.written, partial.crc  # checked on disk below
             free = psutil.disk_usage(str(incoming.data_path.parent)).free - self.reserved()

@@ -372,3 +372,5 @@ def _interrupt_and_resume(root: Path, server: ServerProcess) -> None:
     assert target(root, fields).read_bytes() == data.read_bytes()
     assert not part.exists()
     assert wait_until(lambda: f"ACK (resumed at {kept} B)" in server.log())
+    line = [x for x in server.log().splitlines() if "ACK (resumed" in x][-1]
+    assert f" {size - kept} B " in line  # the log counts what this connection received
