@@ -163,9 +163,9 @@ class InlineRing:
 
     chained = True  # batches are processed in order here, so the CRC simply runs on
 
-    def __init__(self, cipher: BlockCipher, batch: int, depth: int = 2) -> None:
+    def __init__(self, cipher: BlockCipher, batch: int, depth: int = 2, crc: int = 0) -> None:
         self.depth = depth
-        self._crc = 0
+        self._crc = crc  # a resumed transfer's runs on from the kept bytes' CRC
         self._cipher = cipher
         self._mem = _SlotMemory(memoryview(bytearray(slot_size(batch) * depth)), batch, depth)
         self._done: collections.deque[tuple[int, int, int]] = collections.deque()
@@ -419,9 +419,11 @@ class PoolRing:
         _close_segment(self._shm)
 
 
-def make_ring(pool: WorkerPool | None, cipher_key: bytes, salt: bytes, batch: int) -> Ring:
+def make_ring(pool: WorkerPool | None, cipher_key: bytes, salt: bytes, batch: int, crc: int = 0) -> Ring:
+    """``crc``: the CRC of the file's bytes before the first batch (a resumed transfer's kept ones),
+    from which a chained ring's running CRC goes on; an unchained ring's owner joins batch CRCs to it."""
     if pool is None:
-        return InlineRing(BlockCipher(cipher_key, salt), batch)
+        return InlineRing(BlockCipher(cipher_key, salt), batch, crc=crc)
     return pool.ring(cipher_key, salt, batch)
 
 

@@ -264,9 +264,7 @@ class _Session:
         self.acked = False
         self.client_gone = False  # the client closed or reset the connection
         self.resumed_from = 0  # bytes of the file the server had kept before this connection
-        # (prefix CRC, CRC since, bytes since, prefix bytes, chained): what the written bytes' CRC is
-        # made of, joined only if the transfer is kept for a resend (a join per batch would cost ~5%)
-        self.crc_parts: tuple[int, int, int, int, bool] | None = None
+        self.written_crc: tuple[int, int] | None = None  # (CRC, length) of the bytes written so far
         self.busy_here = False  # the server itself is working (begin, a slow write): no client clock runs
         self.slow_disk = False  # a write stalled: this transfer's writes go to a thread (_write)
         # A deadline no trickle of bytes can push back: the handshake, then the first authenticated
@@ -320,10 +318,8 @@ class _Session:
     def _keep_or_abort(self, incoming: Incoming) -> str:
         """A sender that went away (closed, reset, silent) after some batches were written may send
         again: keep what it sent. Any other failure (a bad block or CRC, our disk, a stop) removes it."""
-        if (self.client_gone or self.timed_out) and self.failure is None and self.crc_parts is not None:
-            prefix_crc, crc, since, prefix_len, chained = self.crc_parts
-            full = crc64_combine(prefix_crc, crc, since) if chained else crc
-            if incoming.suspend(full, prefix_len + since):
+        if (self.client_gone or self.timed_out) and self.failure is None and self.written_crc is not None:
+            if incoming.suspend(*self.written_crc):
                 return f"; kept {incoming.written} B for a resend"
             return ""
         incoming.abort()
@@ -430,7 +426,7 @@ class _Session:
         self.incoming = incoming
         first = incoming.resume_block if incoming is not None else 0
         if incoming is not None and incoming.resume_crc is not None:
-            self.crc_parts = (0, incoming.resume_crc, incoming.written, 0, True)  # kept again if this breaks
+            self.written_crc = (incoming.resume_crc, incoming.written)  # kept again if this breaks too
         reply, filekey, salt = meta.add_reply_fields(fields, received, first)
         sealed = envelope.seal(public_key, meta.to_json(reply),
                                envelope.aad(envelope.REPLY, header.from_hash, header.to_hash))
@@ -485,26 +481,19 @@ class _Session:
 
     async def _receive_blocks(self, filekey: bytes, salt: bytes, filesize: int, incoming: Incoming) -> int:
         """Frames -> slot -> (worker) -> plaintext -> .part, in order; returns the CRC-64 of the plaintext."""
-        ring = make_ring(self.server.pool, filekey, salt, self.server.config.batch)
+        crc = incoming.resume_crc or 0  # of the bytes written so far: a resumed transfer's kept ones
+        ring = make_ring(self.server.pool, filekey, salt, self.server.config.batch, crc)
         ring.on_failure = self._batch_failed
         self.ring = ring
         free = list(range(ring.depth))
-        # The CRC of the bytes written so far: a resumed transfer starts from the kept prefix's. A
-        # chained ring's running CRC covers only what this connection received; joined at the end.
-        prefix_crc, prefix_len = incoming.resume_crc or 0, incoming.written
-        crc, since = (0 if ring.chained else prefix_crc), 0
-
-        def full_crc() -> int:
-            return crc64_combine(prefix_crc, crc, since) if ring.chained else crc
 
         async def retire_oldest() -> None:
-            nonlocal crc, since
+            nonlocal crc
             slot, batch_crc, plain_len = await ring.result()
             self.deadline = None  # this batch authenticated: the sender holds the filekey
             await self._write(incoming, ring.plain(slot, plain_len))
             crc = batch_crc if ring.chained else crc64_combine(crc, batch_crc, plain_len)
-            since += plain_len
-            self.crc_parts = (prefix_crc, crc, since, prefix_len, ring.chained)  # joined only if kept
+            self.written_crc = (crc, incoming.written)  # what a resend would go on from
             free.append(slot)
 
         try:
@@ -522,7 +511,7 @@ class _Session:
             ring.on_failure = None
             ring.close()
             self.ring = None
-        return full_crc()
+        return crc
 
     async def _write(self, incoming: Incoming, views: list[memoryview]) -> None:
         """Write a batch on the loop (a thread hand-off per batch costs ~15% on a fast disk), until

@@ -242,29 +242,29 @@ def test_fast_private_import_equals_pycryptodome(generated: tuple[Path, Path, Pa
         theirs.n, theirs.e, theirs.d, {theirs.p, theirs.q})
 
 
-def test_fast_private_import_refuses_inconsistent_key(generated: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def _crafted_key(path: Path, numbers: list[int]) -> Path:
+    """A 0600 PKCS#1 PEM private key file of exactly these nine numbers, made with pycryptodome's
+    DER and PEM encoders (cryptography refuses to write inconsistent keys)."""
     from Crypto.IO import PEM
     from Crypto.Util.asn1 import DerSequence
 
+    path.write_text(PEM.encode(DerSequence(numbers).encode(), "RSA PRIVATE KEY"))
+    path.chmod(0o600)
+    return path
+
+
+def test_fast_private_import_refuses_inconsistent_key(generated: tuple[Path, Path, Path], tmp_path: Path) -> None:
     _, priv, _ = generated
     k = RSA.import_key(priv.read_bytes())
-    der = DerSequence([0, k.n, k.e, k.d, k.p, k.q + 2, 1, 1, 1]).encode()  # q does not divide n
-    bad = tmp_path / "bad.data"
-    bad.write_text(PEM.encode(der, "RSA PRIVATE KEY"))
-    bad.chmod(0o600)
+    bad = _crafted_key(tmp_path / "bad.data", [0, k.n, k.e, k.d, k.p, k.q + 2, 1, 1, 1])  # q does not divide n
     with pytest.raises(ConfigError, match="not a PEM RSA key"):
         load_private(bad)
 
 
 def test_fast_private_import_refuses_degenerate_factors(generated: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    from Crypto.IO import PEM
-    from Crypto.Util.asn1 import DerSequence
-
     _, priv, _ = generated
     k = RSA.import_key(priv.read_bytes())
-    bad = tmp_path / "degenerate.data"
-    bad.write_text(PEM.encode(DerSequence([0, k.n, k.e, k.d, 1, k.n, 1, 1, 1]).encode(), "RSA PRIVATE KEY"))
-    bad.chmod(0o600)
+    bad = _crafted_key(tmp_path / "degenerate.data", [0, k.n, k.e, k.d, 1, k.n, 1, 1, 1])
     with pytest.raises(ConfigError, match="not a PEM RSA key"):
         load_private(bad)
 
@@ -295,15 +295,10 @@ def test_passphrase_protected_key_is_named_as_such(tmp_path: Path) -> None:
 
 def test_private_key_with_a_wrong_exponent_is_refused(generated: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """n = p*q holds but d is not e's inverse: caught by the cheap check that replaces OpenSSL's."""
-    from Crypto.IO import PEM
-    from Crypto.Util.asn1 import DerSequence
-
     _, priv, _ = generated
     k = RSA.import_key(priv.read_bytes())
-    der = DerSequence([0, k.n, k.e, k.d + 2, k.p, k.q, k.d % (k.p - 1), k.d % (k.q - 1), pow(k.q, -1, k.p)]).encode()
-    bad = tmp_path / "bad-d.data"
-    bad.write_text(PEM.encode(der, "RSA PRIVATE KEY"))
-    bad.chmod(0o600)
+    bad = _crafted_key(tmp_path / "bad-d.data",
+                       [0, k.n, k.e, k.d + 2, k.p, k.q, k.d % (k.p - 1), k.d % (k.q - 1), pow(k.q, -1, k.p)])
     with pytest.raises(ConfigError, match="not a PEM RSA key"):
         load_private(bad)
 
