@@ -507,6 +507,14 @@ class _Session:
                 ring.submit(self.slot, DECRYPT, event.first, plain_len)
             while ring.in_flight():
                 await retire_oldest()
+        except BaseException:
+            if (self.client_gone or self.timed_out) and self.failure is None:
+                # The sender went away: the batches that arrived whole are authenticated (or fail
+                # here, which sets ``failure`` and keeps nothing); write them, so a resend sends less.
+                with contextlib.suppress(M2YError, OSError):
+                    while ring.in_flight():
+                        await retire_oldest()
+            raise
         finally:
             ring.on_failure = None
             ring.close()
