@@ -22,8 +22,11 @@ from engine.defaults import (
     DEFAULT_MAX_ENVELOPE,
     DEFAULT_MAX_FILE_SIZE,
     DEFAULT_PORT,
+    DEFAULT_RETRIES,
+    DEFAULT_RETRY_WAIT,
     DEFAULT_TIMEOUT,
     MAX_BATCH,
+    MAX_RETRIES,
     MAX_WORKERS,
     default_workers,
 )
@@ -71,6 +74,12 @@ def _add_send(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the server")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a progress bar per file on stderr (default: when stderr is a terminal)")
+    p.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                   help=f"more tries of a file whose connection broke before the ACK (each goes on where the "
+                        f"server stopped) or whose server was busy (0-{MAX_RETRIES}, default {DEFAULT_RETRIES})")
+    p.add_argument("--retry-wait", type=float, default=DEFAULT_RETRY_WAIT,
+                   help=f"seconds before the first retry, doubling for each next one "
+                        f"(default {DEFAULT_RETRY_WAIT:g})")
     _add_workers(p)
     _add_batch(p)
 
@@ -90,6 +99,14 @@ def _batch(args: argparse.Namespace) -> int:
     if not 1 <= args.batch <= MAX_BATCH:
         raise ConfigError(f"--batch {args.batch} is out of range 1..{MAX_BATCH}")
     return int(args.batch)
+
+
+def _retries(args: argparse.Namespace) -> tuple[int, float]:
+    if not 0 <= args.retries <= MAX_RETRIES:
+        raise ConfigError(f"--retries {args.retries} is out of range 0..{MAX_RETRIES}")
+    if not 0 <= args.retry_wait <= 3600:  # also refuses nan
+        raise ConfigError(f"--retry-wait {args.retry_wait:g} is out of range 0..3600 seconds")
+    return int(args.retries), float(args.retry_wait)
 
 
 def _workers(args: argparse.Namespace) -> int:
@@ -244,10 +261,20 @@ def cmd_send(args: argparse.Namespace) -> int:
     from engine.client import send_files
 
     show = (sys.stderr is not None and sys.stderr.isatty()) if args.progress is None else args.progress
+    retries, first_wait = _retries(args)
     bars = _Bars() if show else None
+
+    def retrying(meta_path: Path, why: str, wait: float, number: int) -> None:
+        if bars is not None:
+            bars.close()
+        with contextlib.suppress(OSError):  # like the bars: a closed stderr never fails a transfer
+            print(one_line(f"{meta_path.name}: {why}; retry {number} of {retries} in {wait:g} s"),
+                  file=sys.stderr, flush=True)
+
     try:
         results = send_files(args.metas, _root(args), args.host, args.port, args.timeout, _workers(args),
-                             _batch(args), progress=bars)
+                             _batch(args), progress=bars, retries=retries, first_wait=first_wait,
+                             on_retry=retrying)
     finally:
         if bars is not None:
             bars.close()
@@ -265,7 +292,8 @@ def cmd_send(args: argparse.Namespace) -> int:
             rate = r.nbytes / max(r.seconds, 1e-9) / 1e6
             print(one_line(f"{r.meta_path.name}: ACK, {r.nbytes} bytes in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"))
         else:
-            print(one_line(f"{r.meta_path.name}: FAILED: {r.message}{where}"), file=sys.stderr)
+            tries = f" after {r.retries} {'retry' if r.retries == 1 else 'retries'}" if r.retries else ""
+            print(one_line(f"{r.meta_path.name}: FAILED{tries}: {r.message}{where}"), file=sys.stderr)
     return 0 if results and all(r.ok for r in results) else 1
 
 

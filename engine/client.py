@@ -27,8 +27,18 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import envelope, meta
 from .blocks import BLOCK_SIZE, BlockCipher, batch_plain_size, block_count
-from .defaults import DEFAULT_BATCH, DEFAULT_TIMEOUT
-from .errors import ConfigError, M2YError, ProtocolError, RefuseCode, Refused, RemoteProtocolError, one_line
+from .defaults import DEFAULT_BATCH, DEFAULT_RETRIES, DEFAULT_RETRY_WAIT, DEFAULT_TIMEOUT
+from .errors import (
+    CannotConnect,
+    ConfigError,
+    ConnectionLost,
+    M2YError,
+    ProtocolError,
+    RefuseCode,
+    Refused,
+    RemoteProtocolError,
+    one_line,
+)
 from .keys import load_private, load_public
 from .pool import ENCRYPT, Ring, WorkerPool, advance, make_ring
 from .protocol import (
@@ -78,6 +88,7 @@ class Result:
     seconds: float = 0.0
     already: bool = False  # the server held the file before this send (an earlier ACK was lost)
     resumed_at: int = 0  # bytes the server had kept from an interrupted send: this one sent the rest
+    retries: int = 0  # tries after the first
 
 
 def prepare(meta_path: Path, root: Path) -> Prepared:
@@ -122,6 +133,8 @@ class _Channel:
                     n = self.sock.send(view)
                 except BlockingIOError:
                     n = 0
+                except OSError as exc:
+                    raise ConnectionLost(f"connection lost: {exc.strerror or exc}") from None
                 if n:
                     view = view[n:]
                 else:
@@ -152,7 +165,7 @@ class _Channel:
                 else:
                     still += step
                 if not ready.done() and still >= self.timeout:
-                    raise ConfigError(f"server took no data for {self.timeout:g} s; giving up")
+                    raise ConnectionLost(f"server took no data for {self.timeout:g} s")
         finally:
             self.loop.remove_writer(self.sock)
             if not ready.done():
@@ -161,7 +174,12 @@ class _Channel:
     async def next(self, timeout: float | None = None) -> Event:
         conn = self.conn
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError:
+                if conn.peer_closed:  # closed mid-conversation, without a REFUSED: no reason given
+                    raise ConnectionLost("the server closed the connection before the end") from None
+                raise
             if event is not NEED_DATA:
                 assert isinstance(event, Event)
                 return event
@@ -170,7 +188,9 @@ class _Channel:
                     self.loop.sock_recv_into(self.sock, conn.get_buffer()), timeout or self.timeout
                 )
             except TimeoutError:
-                raise ConfigError(f"server sent nothing for {timeout or self.timeout:g} s; giving up") from None
+                raise ConnectionLost(f"server sent nothing for {timeout or self.timeout:g} s") from None
+            except OSError as exc:
+                raise ConnectionLost(f"connection lost: {exc.strerror or exc}") from None
             conn.buffer_updated(n)
 
 
@@ -191,13 +211,13 @@ async def _connect(host: str, port: int, timeout: float) -> socket.socket:
         await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
     except ConnectionRefusedError:
         sock.close()
-        raise ConfigError(f"cannot connect to {host}:{port}: connection refused (is 'm2y serve' running?)") from None
+        raise CannotConnect(f"cannot connect to {host}:{port}: connection refused (is 'm2y serve' running?)") from None
     except TimeoutError:
         sock.close()
-        raise ConfigError(f"cannot connect to {host}:{port}: no answer in {timeout:g} s") from None
+        raise CannotConnect(f"cannot connect to {host}:{port}: no answer in {timeout:g} s") from None
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        raise CannotConnect(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -228,7 +248,7 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
         try:
             await ch.send(Header(len(sealed), from_hash, to_hash))
             await ch.send(Envelope(sealed))
-        except OSError:
+        except ConnectionLost:
             pass  # the server may have refused at once; its reason is what we read next
         event = await ch.next()
         if not isinstance(event, Reply):
@@ -251,8 +271,11 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
         try:
             await _stream(ch, p.data_path, make_ring(pool, filekey, salt, batch), filesize, batch, progress, first)
             await ch.send(FileCRC(cipher.seal_crc(crc)))
-        except (ConnectionResetError, BrokenPipeError):
-            event = await ch.next(timeout=5)  # the server refused mid-file: say why
+        except ConnectionLost as lost:
+            try:
+                event = await ch.next(timeout=5)  # the server may have refused mid-file: say why
+            except ConnectionLost:
+                raise lost from None
             raise _refused(event) from None
         event = await ch.next(timeout=max(timeout * 10, 600))  # ACK follows an fsync of the whole file
         if not isinstance(event, Ack):
@@ -334,12 +357,37 @@ def _final_name(meta_path: Path, suffix: str) -> Path:
     return meta_path.with_name(meta_path.name + suffix)
 
 
+RETRY_CODES = frozenset({RefuseCode.BUSY, RefuseCode.TIMEOUT})
+MAX_RETRY_WAIT = 30.0  # s, the longest pause between two tries
+
+
+def retryable(exc: M2YError, attempt: int) -> bool:
+    """Worth another try: the connection broke before the ACK (the server keeps what it received,
+    so the next try resumes), or the server was busy. Not a server that was not there at the
+    first try (attempt 0): a typo or a stopped server is said at once, not after the pauses."""
+    if isinstance(exc, CannotConnect):
+        return attempt > 0
+    if isinstance(exc, ConnectionLost):
+        return True
+    return isinstance(exc, Refused) and exc.code in RETRY_CODES
+
+
+def retry_wait(first: float, attempt: int) -> float:
+    """Seconds before try ``attempt + 2``: ``first``, doubling, at most MAX_RETRY_WAIT."""
+    return float(min(first * 2.0 ** min(attempt, 32), MAX_RETRY_WAIT))
+
+
+OnRetry = Callable[[Path, str, float, int], None]  # (meta_path, why, seconds to wait, retry number)
+
+
 def send_files(metas: list[Path], root: Path, host: str, port: int,
                timeout: float = DEFAULT_TIMEOUT, workers: int = 0, batch: int = DEFAULT_BATCH,
-               progress: Callable[[Path, int], Progress] | None = None) -> list[Result]:
+               progress: Callable[[Path, int], Progress] | None = None, retries: int = DEFAULT_RETRIES,
+               first_wait: float = DEFAULT_RETRY_WAIT, on_retry: OnRetry | None = None) -> list[Result]:
     """Send each .meta in turn; rename it .done on ACK, .failed otherwise. ``progress(meta_path,
     filesize)``, if given, is called once a file's first batch is sent and returns what hears of
-    each batch of it."""
+    each batch of it. A file whose try fails ``retryable``-ly is tried again, up to ``retries``
+    more times, after ``retry_wait`` seconds; ``on_retry`` hears of each."""
 
     async def run() -> list[Result]:
         results: list[Result] = []
@@ -355,16 +403,28 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
     async def _send_all(pool: WorkerPool | None, results: list[Result]) -> list[Result]:
         for meta_path in metas:
             started = time.monotonic()
-            already, resumed_at = False, 0
-            try:
-                prepared = prepare(meta_path, root)
-                sent = await send_one(prepared, host, port, timeout, batch, pool=pool,
-                                      progress=_lazy(progress, meta_path))
-                ok, message, nbytes, already, resumed_at = True, "ACK", sent.nbytes, sent.already, sent.resumed_at
-            except M2YError as exc:
-                ok, message, nbytes = False, exc.reason, 0
-            except OSError as exc:
-                ok, message, nbytes = False, f"I/O error: {exc.strerror or exc}", 0
+            already, resumed_at, attempt = False, 0, 0
+            prepared: Prepared | None = None
+            while True:
+                try:
+                    if prepared is None:
+                        prepared = prepare(meta_path, root)
+                    sent = await send_one(prepared, host, port, timeout, batch, pool=pool,
+                                          progress=_lazy(progress, meta_path))
+                    ok, message, nbytes = True, "ACK", sent.nbytes
+                    already, resumed_at = sent.already, sent.resumed_at
+                except M2YError as exc:
+                    if attempt < retries and retryable(exc, attempt):
+                        wait = retry_wait(first_wait, attempt)
+                        attempt += 1
+                        if on_retry is not None:
+                            on_retry(meta_path, exc.reason, wait, attempt)
+                        await asyncio.sleep(wait)
+                        continue
+                    ok, message, nbytes = False, exc.reason, 0
+                except OSError as exc:
+                    ok, message, nbytes = False, f"I/O error: {exc.strerror or exc}", 0
+                break
             seconds = time.monotonic() - started
             renamed = None
             if meta_path.is_file():
@@ -376,7 +436,7 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
                     why = exc.strerror or exc
                     ok, message = False, f"{did}, but {meta_path.name} cannot become {renamed.name}: {why}"
                     renamed = None
-            results.append(Result(meta_path, ok, message, renamed, nbytes, seconds, already, resumed_at))
+            results.append(Result(meta_path, ok, message, renamed, nbytes, seconds, already, resumed_at, attempt))
         return results
 
     import uvloop
@@ -385,4 +445,5 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
     return results
 
 
-__all__ = ["DEFAULT_TIMEOUT", "ProtocolError", "Result", "Sent", "prepare", "send_files", "send_one"]
+__all__ = ["DEFAULT_TIMEOUT", "ProtocolError", "Result", "Sent", "prepare", "retry_wait", "retryable", "send_files",
+           "send_one"]

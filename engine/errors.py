@@ -67,6 +67,15 @@ class AlreadyReceived(RemoteProtocolError):
         self.same = same
 
 
+class ConnectionLost(M2YError):
+    """The connection to the server broke before the ACK (reset, closed, silent too long): nothing
+    says the file is stored, and sending it again may resume where it stopped."""
+
+
+class CannotConnect(ConnectionLost):
+    """No connection at all (refused, no answer): the server is not running, or not there."""
+
+
 class Refused(M2YError):
     """The peer refused the transfer and told us why."""
 

@@ -398,6 +398,11 @@ class Connection:
             raise RemoteProtocolError(f"peer sent {exc.reason}", RefuseCode.BAD_HEADER) from None
         self._events.append(event)
 
+    @property
+    def peer_closed(self) -> bool:
+        """The peer's end of the stream was seen (``buffer_updated(0)``)."""
+        return self._eof
+
     def next_event(self) -> Event | _Sentinel:
         """The next event received, or NEED_DATA."""
         if self._events:

@@ -175,7 +175,8 @@ def _stalling_server(root: Path, listener: socket.socket, stop: threading.Event,
 
 def _send_to_fake_server(root: Path, meta_path: Path, timeout: str, slow_read: int = 0,
                          answer: Answer = _test_refusal, pause: float = 0.05) -> subprocess.CompletedProcess[str]:
-    """``m2y send`` against ``_stalling_server`` on a loopback port, its thread stopped afterwards."""
+    """``m2y send`` against ``_stalling_server`` on a loopback port, its thread stopped afterwards.
+    One try (--retries 0): the fake server answers one connection; tries again are test_retry's."""
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # inherited by the accepted socket
     listener.bind(("127.0.0.1", 0))
@@ -185,7 +186,8 @@ def _send_to_fake_server(root: Path, meta_path: Path, timeout: str, slow_read: i
                             daemon=True)
     fake.start()
     try:
-        return run_send(root, listener.getsockname()[1], meta_path, extra=("--timeout", timeout), timeout=60)
+        return run_send(root, listener.getsockname()[1], meta_path, extra=("--timeout", timeout, "--retries", "0"),
+                        timeout=60)
     finally:
         stop.set()
         fake.join(10)

@@ -1,0 +1,213 @@
+"""`m2y send` tries again when the connection breaks before the ACK, and goes on where the server
+stopped: real server and client processes, with a loopback proxy between them that cuts a connection."""
+
+from __future__ import annotations
+
+import re
+import selectors
+import socket
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+from engine import meta
+
+from .helpers import M2Y, ServerProcess, handshake, make_file, run_send, start_server, target, wait_until
+
+
+class CuttingProxy:
+    """Forwards loopback connections to ``port``; connection number k (from 0) in ``cuts`` is reset
+    (RST both ways) once ``cuts[k]`` bytes went from the client to the server; those in ``slow``
+    forward at most 64 KiB per 5 ms (~13 MB/s)."""
+
+    def __init__(self, port: int, cuts: dict[int, int], slow: frozenset[int] = frozenset()) -> None:
+        self.port = port
+        self.cuts = cuts
+        self.slow = slow
+        self.connections = 0
+        self.forwarded: list[int] = []  # client -> server bytes, per connection
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.listen_port = int(self._listener.getsockname()[1])
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in list(self._threads):
+            t.join(10)
+        self._listener.close()
+
+    def __enter__(self) -> CuttingProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            number = self.connections
+            self.connections += 1
+            self.forwarded.append(0)
+            t = threading.Thread(target=self._pump, args=(client, number), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _pump(self, client: socket.socket, number: int) -> None:
+        limit = self.cuts.get(number)
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        except OSError:
+            client.close()
+            return
+        peer = {client: upstream, upstream: client}
+        sel = selectors.DefaultSelector()
+        for s in peer:
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ)
+        try:
+            while not self._stop.is_set():
+                for key, _ in sel.select(0.1):
+                    src: socket.socket = key.fileobj  # type: ignore[assignment]
+                    try:
+                        data = src.recv(1 << 16)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    if src is client and number in self.slow:
+                        self._stop.wait(0.005)
+                    if src is client and limit is not None:
+                        data = data[: max(limit - self.forwarded[number], 0)]
+                    try:
+                        peer[src].setblocking(True)
+                        peer[src].sendall(data)
+                        peer[src].setblocking(False)
+                    except OSError:
+                        return
+                    if src is client:
+                        self.forwarded[number] += len(data)
+                        if limit is not None and self.forwarded[number] >= limit:
+                            return  # the cut: both sides reset below
+        finally:
+            sel.close()
+            for s in peer:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+
+
+def _send(root: Path, port: int, meta_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run_send(root, port, meta_path, extra=extra, timeout=120)
+
+
+def test_a_cut_connection_is_tried_again_and_goes_on_where_it_broke_off(root: Path, server: ServerProcess) -> None:
+    """The proxy resets the first connection after 5 MiB of a 12 MiB file; `m2y send` says so, tries
+    again after --retry-wait, and the server, which kept what it had written, takes only the rest."""
+    size = 12 * 2**20 + 77
+    data, meta_path = make_file(root, size)
+    with CuttingProxy(server.port, {0: 5 * 2**20}) as proxy:
+        result = _send(root, proxy.listen_port, meta_path, "--retries", "3", "--retry-wait", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"myfoto\.meta: (connection lost|the server closed).*; retry 1 of 3 in 0\.2 s", result.stderr), \
+        result.stderr
+    m = re.search(rf"ACK, {size} bytes, resumed at (\d+): (\d+) sent", result.stdout)
+    assert m, result.stdout
+    resumed_at = int(m.group(1))
+    assert 0 < resumed_at <= 5 * 2**20 and resumed_at % 2**16 == 0  # whole blocks the server had written
+    assert int(m.group(2)) == size - resumed_at
+    assert proxy.connections >= 2 and proxy.forwarded[0] == 5 * 2**20
+    assert received(root, meta_path.with_suffix(".done")).read_bytes() == data.read_bytes()
+    assert meta_path.with_suffix(".done").exists() and not meta_path.exists()
+    assert wait_until(lambda: f"ACK (resumed at {resumed_at} B)" in server.log())
+
+
+def received(root: Path, done: Path) -> Path:
+    return target(root, meta.read_meta_file(done))
+
+
+def test_no_retries_leaves_a_failed_meta_whose_resend_resumes(root: Path, server: ServerProcess) -> None:
+    """--retries 0: the cut ends the send with one line and a .failed; sending the .failed later
+    goes on from what the server kept."""
+    size = 8 * 2**20
+    data, meta_path = make_file(root, size)
+    with CuttingProxy(server.port, {0: 3 * 2**20}) as proxy:
+        result = _send(root, proxy.listen_port, meta_path, "--retries", "0")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search("FAILED: (connection lost|the server closed)", lines[0]), result.stderr
+    failed = meta_path.with_suffix(".failed")
+    assert failed.exists() and proxy.connections == 1
+    assert wait_until(lambda: "for a resend" in server.log())
+    again = _send(root, server.port, failed)
+    assert again.returncode == 0, again.stderr
+    assert re.search(rf"ACK, {size} bytes, resumed at [1-9]\d*: ", again.stdout), again.stdout
+    assert received(root, meta_path.with_suffix(".done")).read_bytes() == data.read_bytes()
+
+
+def test_a_busy_name_is_tried_again(root: Path, server: ServerProcess) -> None:
+    """Another connection holds the file's name (here a client that said hello and sends nothing):
+    the server refuses BUSY, and `m2y send` tries again until that connection is gone."""
+    size = 300_000
+    data, meta_path = make_file(root, size)
+    hs = handshake(root, server.port, meta.read_meta_file(meta_path))
+    timer = threading.Timer(0.8, hs.client.close)
+    timer.start()
+    try:
+        result = _send(root, server.port, meta_path, "--retries", "5", "--retry-wait", "0.3")
+    finally:
+        timer.cancel()
+        hs.client.close()
+    assert result.returncode == 0, result.stderr
+    assert "is being received right now; retry 1 of 5 in 0.3 s" in result.stderr, result.stderr
+    assert f"ACK, {size} bytes in " in result.stdout  # nothing was kept: the holder sent no block
+    assert received(root, meta_path.with_suffix(".done")).read_bytes() == data.read_bytes()
+
+
+def test_a_server_that_comes_back_is_reached(root: Path) -> None:
+    """The server dies mid-file and starts again on the same port: the tries that find no server
+    are tried again too (only the first try's "connection refused" is final), and the file arrives
+    whole (from its start: a restarted server removes what it had of it)."""
+    srv = start_server(root, "--idle-timeout", "5")
+    port = srv.port
+    size = 16 * 2**20
+    data, meta_path = make_file(root, size)
+    fields = meta.read_meta_file(meta_path)
+    part = target(root, fields, ".part")
+    with CuttingProxy(port, {}, slow=frozenset({0})) as proxy:
+        send = subprocess.Popen([*M2Y, "send", str(meta_path), "--root", str(root), "--port", str(proxy.listen_port),
+                                 "--retries", "8", "--retry-wait", "0.3"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert wait_until(lambda: part.exists() and part.stat().st_size > 0, timeout=30)
+            srv.proc.kill()
+            srv.proc.wait(10)
+            srv = start_server(root, "--port", str(port), "--idle-timeout", "5")
+            out, err = send.communicate(timeout=120)
+        finally:
+            if send.poll() is None:
+                send.kill()
+                send.wait(5)
+            srv.stop()
+    assert send.returncode == 0, err
+    assert "retry 1 of 8" in err
+    assert f"ACK, {size} bytes in " in out, out
+    assert target(root, fields).read_bytes() == data.read_bytes()
+
+
+def test_retry_arguments_out_of_range_are_refused_before_anything_is_sent(root: Path) -> None:
+    _, meta_path = make_file(root, 10)
+    for extra, line in ((("--retries", "-1"), "--retries -1 is out of range 0..100"),
+                        (("--retries", "101"), "--retries 101 is out of range 0..100"),
+                        (("--retry-wait", "nan"), "--retry-wait nan is out of range 0..3600 seconds"),
+                        (("--retry-wait", "-0.5"), "--retry-wait -0.5 is out of range 0..3600 seconds")):
+        result = _send(root, 9, meta_path, *extra)  # port 9: nothing is ever sent there
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"m2y send: {line}"], result.stderr
+        assert meta_path.exists()  # untouched: not renamed .failed
