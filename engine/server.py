@@ -57,7 +57,7 @@ from .protocol import (
 from .protocol import Ack as AckEvent
 from .protocol import Refused as RefusedEvent
 from .protocol import Reply as ReplyEvent
-from .storage import Incoming, Storage, lock_root, sweep_leftovers
+from .storage import Incoming, Partial, Storage, lock_root, sweep_leftovers
 from .users import check_user, user_hash
 
 log = logging.getLogger("m2y.server")
@@ -203,7 +203,7 @@ class Server:
             if self.pool is not None:
                 self.pool.close()
             self.writers.shutdown(wait=True)
-            self.storage.close()  # kept .part files stay: the next start's sweep removes them
+            self.storage.close()  # kept .part files stay, with their records: the next start takes them back
 
     async def _expire_loop(self) -> None:
         """Kept .part files wait ``keep_partial`` seconds for a resend, then go."""
@@ -320,6 +320,8 @@ class _Session:
         again: keep what it sent. Any other failure (a bad block or CRC, our disk, a stop) removes it."""
         if (self.client_gone or self.timed_out) and self.failure is None and self.written_crc is not None:
             if incoming.suspend(*self.written_crc):
+                # Its record (fsyncs) in a thread; a stop before it is done writes it in Storage.close.
+                self.loop.run_in_executor(None, self.server.storage.persist, incoming.key)
                 return f"; kept {incoming.written} B for a resend"
             return ""
         incoming.abort()
@@ -579,16 +581,20 @@ def serve(config: ServerConfig, on_listening: Any = None) -> None:
     import uvloop
 
     lock_fd = lock_root(config.root)  # held until this process exits
+    kept: list[tuple[str, Partial]] | None = [] if config.keep_partial > 0 else None
     try:
-        removed = sweep_leftovers(config.root)  # no transfer can be under way: none is listening yet
+        removed = sweep_leftovers(config.root, kept)  # no transfer can be under way: none is listening yet
     except BaseException:
         os.close(lock_fd)
         raise
     for path, size in removed:
-        log.info("removed %s (%d B), left by a transfer a crash cut short", one_line(path), size)
+        log.info("removed %s (%d B), left by a transfer cut short", one_line(path), size)
+    for key, partial in kept or []:
+        log.info("%s.part: %d B kept by the previous server, waiting for a resend", one_line(key), partial.written)
 
     async def main() -> None:
         server = Server(config)
+        server.storage.adopt(kept or [])
         server.listen()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

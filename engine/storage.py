@@ -33,6 +33,7 @@ from typing import Any
 
 import psutil
 
+from . import keptpart
 from .blocks import BLOCK_SIZE, block_count
 from .crc import BytesLike
 from .defaults import DEFAULT_KEEP_PARTIAL
@@ -303,6 +304,8 @@ class Incoming:
             try:
                 os.unlink(self.part_path.name, dir_fd=self.dir_fd)
                 self.part_ours = False
+                if self.partial is not None:  # it resumed a kept part, which may have had a record
+                    keptpart.remove(self.dir_fd, self.part_path.name.removesuffix(".part"))
                 os.fsync(self.dir_fd)
             except OSError as exc:
                 log.warning("%s: cannot tidy up after commit: %s", self.part_path, exc.strerror or exc)
@@ -366,7 +369,8 @@ class Incoming:
                         os.close(fd)
                     dir_fd, self.dir_fd = self.dir_fd, -1
                     partial = Partial(self.fields_json, self.written, crc, _identity(st), dir_fd,
-                                      self.part_path.name, self.meta_path.name, time.monotonic())
+                                      self.part_path.name, self.meta_path.name, time.monotonic(),
+                                      keptpart.meta_digest(self.meta_bytes))
         if partial is None:
             self.abort()
             return False
@@ -391,7 +395,10 @@ class Incoming:
                 os.close(fd)
         names = [name for name, ours in ((self.part_path.name, self.part_ours), (self._tmp_name, self.tmp_ours),
                                          (self.meta_path.name, self.meta_ours and not self.linked)) if ours]
+        record = self.part_ours and self.partial is not None  # a kept part taken over may have a record
         self.part_ours = self.tmp_ours = False
+        if self.dir_fd >= 0 and record:
+            keptpart.remove(self.dir_fd, self.part_path.name.removesuffix(".part"))
         if self.dir_fd >= 0:
             for name in names:
                 try:
@@ -482,15 +489,18 @@ def lock_root(root: Path) -> int:
 
 
 _LEFTOVER = re.compile(r"(?P<tmp>\.)?(?P<stem>(?P<sender>[A-Za-z0-9_-][A-Za-z0-9._-]{0,63})"
-                       r"_[0-9]{2}-[0-9]{2}-[0-9]{4}_[0-9]{2}-[0-9]{2}-[0-9]{2})(?(tmp)\.meta\.tmp|\.part)\Z")
+                       r"_[0-9]{2}-[0-9]{2}-[0-9]{4}_[0-9]{2}-[0-9]{2}-[0-9]{2})"
+                       r"(?P<kind>(?(tmp)\.meta\.tmp|\.part)|(?(tmp)\.resume\.tmp|\.resume))\Z")
 _SWEEP_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _MAX_DEPTH = MAX_FOLDER_LEN // 2 + 1  # a folder of 1024 bytes has at most 512 parts
 
 
-def sweep_leftovers(root: Path) -> list[tuple[str, int]]:
+def sweep_leftovers(root: Path, kept: list[tuple[str, Partial]] | None = None) -> list[tuple[str, int]]:
     """Remove what transfers cut short by a crash left: ``.part`` files, the ``.meta`` such a transfer
     wrote (only when no ``.data`` of that name exists and the ``.part`` is not linked to one), and
-    ``.meta`` temp files. Returns (path, bytes) of each file removed.
+    ``.meta`` temp files. Returns (path, bytes) of each file removed. With ``kept``, a ``.part``
+    whose record holds (keptpart.py) is not removed but cut to the bytes the record vouches for and
+    appended to ``kept`` as (key, Partial), for ``Storage.adopt``; records without one are removed.
 
     Run only with the root's lock held and before listening: then no transfer is under way, so
     every ``.part`` is a leftover. Looks only where a transfer can write (below a user's home, no
@@ -520,7 +530,7 @@ def sweep_leftovers(root: Path) -> list[tuple[str, int]]:
             while stack:
                 dir_fd, path, depth = stack.pop()
                 try:
-                    _sweep_folder(dir_fd, path, depth, senders, stack, removed)
+                    _sweep_folder(dir_fd, path, depth, senders, stack, removed, kept)
                 finally:
                     if dir_fd != fd:
                         os.close(dir_fd)
@@ -544,8 +554,11 @@ def _known_senders(home_fd: int) -> set[str]:
 
 
 def _sweep_folder(dir_fd: int, path: Path, depth: int, senders: set[str],
-                  stack: list[tuple[int, Path, int]], removed: list[tuple[str, int]]) -> None:
+                  stack: list[tuple[int, Path, int]], removed: list[tuple[str, int]],
+                  kept: list[tuple[str, Partial]] | None = None) -> None:
     before = len(removed)
+    taken: set[str] = set()  # stems whose .part was taken back: their records stay
+    records: list[str] = []
     try:
         entries = list(os.scandir(dir_fd))
     except OSError as exc:
@@ -571,8 +584,17 @@ def _sweep_folder(dir_fd: int, path: Path, depth: int, senders: set[str],
             continue
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             continue
-        victims = [name]
         stem = m.group("stem")
+        if m.group("kind") == keptpart.SUFFIX:
+            records.append(name)  # after the loop: removed unless its .part was taken back
+            continue
+        if kept is not None and m.group("kind") == ".part" and f"{stem}{keptpart.SUFFIX}" in names:
+            partial = _take_back(dir_fd, stem, st, names)
+            if partial is not None:
+                kept.append((str(path / stem), partial))
+                taken.add(stem)
+                continue
+        victims = [name]
         if not m.group("tmp") and st.st_nlink == 1 and f"{stem}.meta" in names and f"{stem}.data" not in names:
             victims.insert(0, f"{stem}.meta")  # first: a crash in between leaves a .part, swept next time
         for victim in victims:
@@ -585,9 +607,54 @@ def _sweep_folder(dir_fd: int, path: Path, depth: int, senders: set[str],
                 log.warning("cannot remove leftover %s: %s", one_line(str(path / victim)), exc.strerror or exc)
                 continue
             removed.append((str(path / victim), vst.st_size))
+    for name in records:
+        stem = name.removesuffix(keptpart.SUFFIX)
+        if stem not in taken:
+            keptpart.remove(dir_fd, stem)
+            removed.append((str(path / name), 0))
     if len(removed) > before:
         with contextlib.suppress(OSError):
             os.fsync(dir_fd)
+
+
+def _take_back(dir_fd: int, stem: str, st: os.stat_result, names: set[str]) -> Partial | None:
+    """The kept part ``stem.part`` (``st``) if its record holds: the record is ours and names this
+    inode, the .meta beside it is the one it was kept with and names this stem, no .data took the
+    name. The .part is cut to the bytes the record vouches for (fsynced when it was written)."""
+    if f"{stem}.data" in names or f"{stem}.meta" not in names or st.st_nlink != 1:
+        return None
+    record = keptpart.read(dir_fd, stem)
+    if record is None or record.ino != st.st_ino or st.st_size < record.written:
+        return None
+    meta_bytes = _stored_bytes(dir_fd, f"{stem}.meta")
+    if meta_bytes is None or keptpart.meta_digest(meta_bytes) != record.meta_sha256:
+        return None
+    try:
+        fields = json.loads(meta_bytes.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if (not isinstance(fields, dict) or f"{fields.get('from')}_{fields.get('datetime')}" != stem
+            or type(fields.get("filesize")) is not int or record.written > fields["filesize"]):
+        return None
+    try:
+        fd = os.open(f"{stem}.part", os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        fst = os.fstat(fd)
+        if not stat.S_ISREG(fst.st_mode) or fst.st_ino != record.ino:
+            return None
+        if fst.st_size != record.written:  # bytes written after the record: not vouched for
+            os.ftruncate(fd, record.written)
+            os.fsync(fd)
+            fst = os.fstat(fd)
+        own_dir = os.dup(dir_fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return Partial(_exact(fields), record.written, record.crc, _identity(fst), own_dir, f"{stem}.part",
+                   f"{stem}.meta", time.monotonic(), record.meta_sha256, persisted=True)
 
 
 @dataclass
@@ -603,15 +670,22 @@ class Partial:
     part_name: str
     meta_name: str
     kept_at: float
+    meta_sha256: str = ""  # of the .meta as stored, for its on-disk record (keptpart.py)
+    persisted: bool = False  # its record is on disk: it outlives this process
+
+    @property
+    def stem(self) -> str:
+        return self.part_name.removesuffix(".part")
 
     def remove(self) -> None:
-        """Expired or replaced: remove the .part (if it is still ours) and its .meta."""
+        """Expired or replaced: remove the .part (if it is still ours), its .meta and its record."""
         try:
             st = os.lstat(self.part_name, dir_fd=self.dir_fd)
         except OSError:
             st = None
         try:
             if st is not None and _identity(st) == self.inode:
+                keptpart.remove(self.dir_fd, self.stem)  # first: a record never outlives its .part
                 for name in (self.meta_name, self.part_name):  # the .meta first, each on its own
                     try:
                         os.unlink(name, dir_fd=self.dir_fd)
@@ -809,12 +883,60 @@ class Storage:
                 p.remove()
 
     def close(self) -> None:
-        """At server stop: kept files stay on disk (the next start's sweep removes them); close their folders."""
+        """At server stop: kept files stay on disk, each with its record (written now if it was not
+        yet), for the next start to take back; close their folders. Blocking (fsyncs)."""
+        with self._table:
+            keys = [k for k, p in self._partial.items() if not p.persisted]
+        for key in keys:
+            self.persist(key)
         with self._table:
             kept, self._partial = [*self._partial.values(), *self._removing], {}
             self._removing = []
         for p in kept:
             p.forget()
+
+    def persist(self, key: str) -> bool:
+        """Let the part kept under ``key`` outlive this process: fsync its bytes, then write its record
+        (keptpart.py). False if it is gone, taken over, or cannot be. Blocking: run it in a thread."""
+        with self._table:
+            partial = self._partial.get(key)
+            if partial is None or partial.persisted or partial.dir_fd < 0:
+                return False
+            dir_fd = os.dup(partial.dir_fd)  # ours: a removal may close the Partial's meanwhile
+        try:
+            fd = os.open(partial.part_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dir_fd)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or _identity(st) != partial.inode:
+                    return False
+                os.fdatasync(fd)  # what the record vouches for is durable before the record
+            finally:
+                os.close(fd)
+            with self._begins:  # no begin takes it over, no expiry removes it, while the record is written
+                with self._table:
+                    if self._partial.get(key) is not partial:
+                        return False
+                keptpart.write(dir_fd, partial.stem, keptpart.Record(partial.written, partial.crc,
+                                                                     partial.meta_sha256, st.st_ino))
+                partial.persisted = True
+        except OSError as exc:
+            log.warning("%s: cannot keep it past a restart: %s", one_line(key), exc.strerror or exc)
+            return False
+        finally:
+            os.close(dir_fd)
+        log.info("%s.part: its %d B kept past a restart", one_line(key), partial.written)
+        return True
+
+    def adopt(self, kept: list[tuple[str, Partial]]) -> None:
+        """Parts a previous server kept (``sweep_leftovers``), waiting from now for their resend."""
+        with self._table:
+            for key, partial in kept:
+                partial.kept_at = time.monotonic()
+                old = self._partial.pop(key, None)
+                self._partial[key] = partial
+                if old is not None:
+                    self._removing.append(old)
 
     def _expired(self) -> list[Partial]:
         """Under ``_table``: take the entries to remove out of the table."""

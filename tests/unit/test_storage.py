@@ -1149,3 +1149,46 @@ def test_expiry_removes_a_kept_part_whose_meta_is_gone(root: Path) -> None:
     time.sleep(0.1)
     store.expire()
     assert not with_suffix(target(root), ".part").exists()
+
+
+def test_sweep_removes_records_that_vouch_for_nothing(root: Path) -> None:
+    """A record whose .part is gone, or whose .part names another inode, goes (with that .part and
+    its .meta); a temp record goes; with ``kept`` absent (--keep-partial 0) even a good one goes."""
+    from engine import keptpart
+    from engine.storage import Partial, sweep_leftovers
+
+    home = root / "roland-frei"
+    photo = home / "photo"
+    photo.mkdir(parents=True)
+    (home / "pubKey").mkdir()
+    (home / "pubKey" / "zhenqiang.data").write_text("a key")
+    fd = os.open(photo, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        alone = f"zhenqiang_{DATETIME}"
+        keptpart.write(fd, alone, keptpart.Record(65536, 1, "00" * 32, 1))  # no .part beside it
+        other = "zhenqiang_01-01-2020_00-00-00"
+        (photo / f"{other}.part").write_bytes(b"y" * 65536)
+        meta_bytes = json.dumps({"from": "zhenqiang", "datetime": "01-01-2020_00-00-00", "filesize": 10**6}).encode()
+        (photo / f"{other}.meta").write_bytes(meta_bytes)
+        good = keptpart.Record(65536, 7, keptpart.meta_digest(meta_bytes), (photo / f"{other}.part").stat().st_ino)
+        keptpart.write(fd, other, keptpart.Record(65536, 7, good.meta_sha256, good.ino + 1))  # another inode
+        (photo / f".{alone}.resume.tmp").write_text("{")
+        kept: list[tuple[str, Partial]] = []
+        removed = {Path(p).name for p, _ in sweep_leftovers(root, kept)}
+        assert kept == [] and list(photo.iterdir()) == []
+        assert removed == {f"{alone}.resume", f".{alone}.resume.tmp", f"{other}.part", f"{other}.meta",
+                           f"{other}.resume"}
+        # The same with a record that holds: taken back when asked, removed when not.
+        (photo / f"{other}.part").write_bytes(b"y" * 65536 + b"z" * 10)
+        (photo / f"{other}.meta").write_bytes(meta_bytes)
+        ino = (photo / f"{other}.part").stat().st_ino
+        keptpart.write(fd, other, keptpart.Record(65536, 7, good.meta_sha256, ino))
+        assert sweep_leftovers(root, kept) == [] and len(kept) == 1
+        key, partial = kept[0]
+        assert key == str(photo / other) and (partial.written, partial.crc, partial.persisted) == (65536, 7, True)
+        assert (photo / f"{other}.part").stat().st_size == 65536  # cut to what the record vouches for
+        partial.forget()
+        assert {Path(p).name for p, _ in sweep_leftovers(root)} == {f"{other}.part", f"{other}.meta",
+                                                                     f"{other}.resume"}
+    finally:
+        os.close(fd)
