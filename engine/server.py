@@ -167,6 +167,7 @@ class Server:
         self.writers = concurrent.futures.ThreadPoolExecutor(config.max_clients, thread_name_prefix="m2y-write")
         self._listener: socket.socket | None = None
         self.port = 0
+        self.stopping = False  # set before the transfers are cancelled: they keep their parts
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -197,6 +198,7 @@ class Server:
             expiry.cancel()
             accept.cancel()
             listener.close()
+            self.stopping = True
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(accept, *self._tasks, return_exceptions=True)
@@ -263,6 +265,7 @@ class _Session:
         self._immediate = 0  # reads since this session last yielded to the event loop
         self.acked = False
         self.client_gone = False  # the client closed or reset the connection
+        self.stop_cancelled = False  # cancelled by the server stopping, for no fault of the transfer
         self.resumed_from = 0  # bytes of the file the server had kept before this connection
         self.written_crc: tuple[int, int] | None = None  # (CRC, length) of the bytes written so far
         self.busy_here = False  # the server itself is working (begin, a slow write): no client clock runs
@@ -295,6 +298,7 @@ class _Session:
                 await self._refuse(RefuseCode.TIMEOUT, self.timeout_reason)
             else:
                 outcome = "ACK (server stopping)" if self.acked else "CANCELLED (server stopping)"
+                self.stop_cancelled = True
                 raise
         except M2YError as exc:
             outcome = f"REFUSED INTERNAL: {exc.reason}"
@@ -315,10 +319,17 @@ class _Session:
                 outcome += self._keep_or_abort(self.incoming)
             self._log(outcome)
 
+    def _sender_may_resend(self, cancelled: bool) -> bool:
+        """The transfer ends for no fault of its bytes: the sender went away (closed, reset, silent),
+        or this server stops (``cancelled`` by it: a restart for an upgrade). Its sender may send
+        again and go on."""
+        stop = cancelled and self.server.stopping
+        return (self.client_gone or self.timed_out or stop) and self.failure is None
+
     def _keep_or_abort(self, incoming: Incoming) -> str:
-        """A sender that went away (closed, reset, silent) after some batches were written may send
-        again: keep what it sent. Any other failure (a bad block or CRC, our disk, a stop) removes it."""
-        if (self.client_gone or self.timed_out) and self.failure is None and self.written_crc is not None:
+        """A transfer that ended for no fault of its bytes (``_sender_may_resend``) after some batches
+        were written keeps what it received. Any other failure (a bad block or CRC, our disk) removes it."""
+        if self._sender_may_resend(self.stop_cancelled) and self.written_crc is not None:
             if incoming.suspend(*self.written_crc):
                 # Its record (fsyncs) in a thread; a stop before it is done writes it in Storage.close.
                 self.loop.run_in_executor(None, self.server.storage.persist, incoming.key)
@@ -509,8 +520,8 @@ class _Session:
                 ring.submit(self.slot, DECRYPT, event.first, plain_len)
             while ring.in_flight():
                 await retire_oldest()
-        except BaseException:
-            if (self.client_gone or self.timed_out) and self.failure is None:
+        except BaseException as exc:
+            if self._sender_may_resend(isinstance(exc, asyncio.CancelledError)):
                 # The sender went away: the batches that arrived whole are authenticated (or fail
                 # here, which sets ``failure`` and keeps nothing); write them, so a resend sends less.
                 with contextlib.suppress(M2YError, OSError):

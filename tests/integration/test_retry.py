@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from engine import meta
@@ -17,8 +18,9 @@ from .helpers import M2Y, ServerProcess, handshake, make_file, run_send, start_s
 
 
 class CuttingProxy:
-    """Forwards loopback connections to ``port``; connection number k (from 0) in ``cuts`` is reset
-    (RST both ways) once ``cuts[k]`` bytes went from the client to the server; those in ``slow``
+    """Forwards loopback connections to ``port``; connection number k (from 0) in ``cuts`` is cut
+    (a reset to the client, a close to the server) once ``cuts[k]`` bytes went from the client to
+    the server; those in ``slow``
     forward at most 64 KiB per 5 ms (~13 MB/s)."""
 
     def __init__(self, port: int, cuts: dict[int, int], slow: frozenset[int] = frozenset()) -> None:
@@ -99,9 +101,12 @@ class CuttingProxy:
                             return  # the cut: both sides reset below
         finally:
             sel.close()
-            for s in peer:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                s.close()
+            # The client gets a reset; the server a plain close (FIN), after which it still reads
+            # all that was forwarded (a reset would drop what waits in its receive buffer, making
+            # what it keeps a matter of timing).
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            upstream.close()
 
 
 def _send(root: Path, port: int, meta_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -145,7 +150,7 @@ def test_no_retries_leaves_a_failed_meta_whose_resend_resumes(root: Path, server
     assert len(lines) == 1 and re.search("FAILED: (connection lost|the server closed)", lines[0]), result.stderr
     failed = meta_path.with_suffix(".failed")
     assert failed.exists() and proxy.connections == 1
-    assert wait_until(lambda: "for a resend" in server.log())
+    assert wait_until(lambda: "for a resend" in server.log()), server.log()
     again = _send(root, server.port, failed)
     assert again.returncode == 0, again.stderr
     assert re.search(rf"ACK, {size} bytes, resumed at [1-9]\d*: ", again.stdout), again.stdout
@@ -171,34 +176,47 @@ def test_a_busy_name_is_tried_again(root: Path, server: ServerProcess) -> None:
     assert received(root, meta_path.with_suffix(".done")).read_bytes() == data.read_bytes()
 
 
-def test_a_server_that_comes_back_is_reached(root: Path) -> None:
-    """The server dies mid-file and starts again on the same port: the tries that find no server
-    are tried again too (only the first try's "connection refused" is final), and the file arrives
-    whole (from its start: a restarted server removes what it had of it)."""
-    srv = start_server(root, "--idle-timeout", "5")
-    port = srv.port
-    size = 16 * 2**20
-    data, meta_path = make_file(root, size)
-    fields = meta.read_meta_file(meta_path)
-    part = target(root, fields, ".part")
-    with CuttingProxy(port, {}, slow=frozenset({0})) as proxy:
+def _send_through_a_restart(root: Path, srv: ServerProcess, meta_path: Path, part_at_least: int,
+                            restart: Callable[[ServerProcess], ServerProcess],
+                            ) -> tuple[subprocess.CompletedProcess[str], ServerProcess]:
+    """`m2y send` (8 retries) through a slow proxy; once the .part holds ``part_at_least`` bytes,
+    ``restart(srv)`` ends the server its way and returns the new one, on the same port."""
+    part = target(root, meta.read_meta_file(meta_path), ".part")
+    with CuttingProxy(srv.port, {}, slow=frozenset({0})) as proxy:
         send = subprocess.Popen([*M2Y, "send", str(meta_path), "--root", str(root), "--port", str(proxy.listen_port),
                                  "--retries", "8", "--retry-wait", "0.3"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            assert wait_until(lambda: part.exists() and part.stat().st_size > 0, timeout=30)
-            srv.proc.kill()
-            srv.proc.wait(10)
-            srv = start_server(root, "--port", str(port), "--idle-timeout", "5")
+            assert wait_until(lambda: part.exists() and part.stat().st_size >= part_at_least, timeout=30)
+            srv = restart(srv)
             out, err = send.communicate(timeout=120)
         finally:
             if send.poll() is None:
                 send.kill()
                 send.wait(5)
-            srv.stop()
-    assert send.returncode == 0, err
-    assert "retry 1 of 8" in err
-    assert f"ACK, {size} bytes in " in out, out
+    return subprocess.CompletedProcess(send.args, send.returncode, out, err), srv
+
+
+def test_a_server_that_comes_back_is_reached(root: Path) -> None:
+    """The server dies mid-file and starts again on the same port: the tries that find no server
+    are tried again too (only the first try's "connection refused" is final), and the file arrives
+    whole (from its start: a crashed server's next start removes what it had of a new file)."""
+    srv = start_server(root, "--idle-timeout", "5")
+    size = 16 * 2**20
+    data, meta_path = make_file(root, size)
+    fields = meta.read_meta_file(meta_path)
+
+    def crash(old: ServerProcess) -> ServerProcess:
+        _kill(old)
+        return start_server(root, "--port", str(old.port), "--idle-timeout", "5")
+
+    try:
+        result, srv = _send_through_a_restart(root, srv, meta_path, 1, crash)
+    finally:
+        srv.stop()
+    assert result.returncode == 0, result.stderr
+    assert "retry 1 of 8" in result.stderr
+    assert f"ACK, {size} bytes in " in result.stdout, result.stdout
     assert target(root, fields).read_bytes() == data.read_bytes()
 
 
@@ -273,3 +291,32 @@ def test_a_record_that_does_not_hold_is_removed_with_its_part(root: Path) -> Non
         assert target(root, fields).read_bytes() == data.read_bytes()
     finally:
         srv.stop()
+
+
+def test_a_server_restarted_mid_file_lets_the_retry_go_on(root: Path) -> None:
+    """The server is stopped (SIGTERM, as for an upgrade) while a file comes in, and started again
+    on its port: it kept what it had written, with its record, and `m2y send`'s retries reach the
+    new server and send only the rest."""
+    srv = start_server(root)
+    size = 16 * 2**20
+    data, meta_path = make_file(root, size)
+    fields = meta.read_meta_file(meta_path)
+    part = target(root, fields, ".part")
+    kept: list[int] = []
+
+    def upgrade(old: ServerProcess) -> ServerProcess:
+        assert old.stop() == 0
+        m = re.search(r"CANCELLED \(server stopping\); kept (\d+) B for a resend", old.log())
+        assert m, old.log()
+        kept.append(int(m.group(1)))
+        assert target(root, fields, ".resume").exists() and part.stat().st_size == kept[0]
+        return start_server(root, "--port", str(old.port))
+
+    try:
+        result, srv = _send_through_a_restart(root, srv, meta_path, 2**20, upgrade)
+    finally:
+        srv.stop()
+    assert result.returncode == 0, result.stderr
+    assert f"ACK, {size} bytes, resumed at {kept[0]}: {size - kept[0]} sent" in result.stdout, result.stdout
+    assert target(root, fields).read_bytes() == data.read_bytes()
+    assert not part.exists() and not target(root, fields, ".resume").exists()
