@@ -112,6 +112,7 @@ class Ring(Protocol):
     def plain(self, slot: int, plain_len: int) -> list[memoryview]: ...
     def submit(self, slot: int, op: int, first: int, plain_len: int) -> None: ...
     async def result(self) -> tuple[int, int, int]: ...
+    def ready(self) -> bool: ...  # the oldest batch's result is there: result() returns without waiting
     def in_flight(self) -> int: ...
     def close(self) -> None: ...
 
@@ -187,6 +188,9 @@ class InlineRing:
 
     async def result(self) -> tuple[int, int, int]:
         return self._done.popleft()
+
+    def ready(self) -> bool:
+        return bool(self._done)
 
     def in_flight(self) -> int:
         return len(self._done)
@@ -400,11 +404,20 @@ class PoolRing:
             self.on_failure(RemoteProtocolError(str(error), RefuseCode(code)))
 
     async def result(self) -> tuple[int, int, int]:
-        slot, plain_len, fut = self._queue.popleft()
-        crc, error, code = await fut
+        """The oldest batch's result. A cancel while it waits leaves that batch first in line, its
+        worker still on it (awaiting the future itself would cancel it, and the batch after it
+        would then be taken, and written, in its place)."""
+        slot, plain_len, fut = self._queue[0]
+        if not fut.done():
+            await asyncio.wait([fut])
+        self._queue.popleft()
+        crc, error, code = fut.result()
         if error is not None:
             raise RemoteProtocolError(error, RefuseCode(code))
         return slot, crc, plain_len
+
+    def ready(self) -> bool:
+        return bool(self._queue) and self._queue[0][2].done()
 
     def in_flight(self) -> int:
         return len(self._queue)

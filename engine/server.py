@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,16 @@ from .defaults import (
     DEFAULT_MAX_FILE_SIZE,
     DEFAULT_PORT,
 )
-from .errors import AlreadyReceived, ConfigError, M2YError, ProtocolError, RefuseCode, RemoteProtocolError, one_line
+from .errors import (
+    AlreadyReceived,
+    ConfigError,
+    LocalProtocolError,
+    M2YError,
+    ProtocolError,
+    RefuseCode,
+    RemoteProtocolError,
+    one_line,
+)
 from .keys import load_private, load_public
 from .pool import DECRYPT, Ring, WorkerPool, make_ring
 from .protocol import (
@@ -64,6 +73,7 @@ log = logging.getLogger("m2y.server")
 
 IMMEDIATE_READS = 8  # reads in a row without yielding to the loop: ~8 MiB, ~10 ms at most here
 SLOW_WRITE = 0.1  # s: a batch write that took longer moves this transfer's writes off the loop
+DRAIN_WAIT = 1.0  # s the workers get to finish the batches in flight when a sender went away
 
 
 @dataclass
@@ -520,19 +530,35 @@ class _Session:
                 ring.submit(self.slot, DECRYPT, event.first, plain_len)
             while ring.in_flight():
                 await retire_oldest()
-        except BaseException as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             if self._sender_may_resend(isinstance(exc, asyncio.CancelledError)):
-                # The sender went away: the batches that arrived whole are authenticated (or fail
-                # here, which sets ``failure`` and keeps nothing); write them, so a resend sends less.
-                with contextlib.suppress(M2YError, OSError):
-                    while ring.in_flight():
-                        await retire_oldest()
+                await self._drain(ring, retire_oldest)
             raise
         finally:
             ring.on_failure = None
             ring.close()
             self.ring = None
         return crc
+
+    async def _drain(self, ring: Ring, retire_oldest: Callable[[], Awaitable[None]]) -> None:
+        """The transfer ends for no fault of its bytes: write, in order, the batches that arrived
+        whole, so that a resend sends less. Each is authenticated first (a bad one sets ``failure``:
+        nothing is kept). Bounded: workers get DRAIN_WAIT s, then what is not done is dropped.
+        A disk error here is logged, and keeps nothing (the part may end in a torn batch)."""
+        deadline = self.loop.time() + DRAIN_WAIT
+        try:
+            while ring.in_flight() and self.failure is None:
+                if ring.ready():
+                    await retire_oldest()
+                elif self.loop.time() < deadline:
+                    await asyncio.sleep(0.01)
+                else:
+                    break
+        except (M2YError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, M2YError) else f"server I/O error: {exc.strerror or exc}"
+            log.warning("%s: writing what arrived before the break failed: %s; nothing is kept", self.label, reason)
+            if self.failure is None:
+                self.failure = exc if isinstance(exc, M2YError) else LocalProtocolError(reason, RefuseCode.INTERNAL)
 
     async def _write(self, incoming: Incoming, views: list[memoryview]) -> None:
         """Write a batch on the loop (a thread hand-off per batch costs ~15% on a fast disk), until

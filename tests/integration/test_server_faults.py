@@ -200,3 +200,48 @@ def test_a_resend_reset_before_its_reply_keeps_the_kept_part(root: Path, inproc:
     again = handshake(root, inproc.port, dict(fields))
     assert again.first == kept // 65536
     again.client.close()
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_a_disk_error_while_writing_what_arrived_before_a_break_keeps_nothing(
+        root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, short: bool) -> None:
+    """The client goes away with two batches in the server's ring; writing the second fails (EIO,
+    or a short write and then ENOSPC): the log says so, and the part is removed, not kept (with a
+    torn batch it could not be resumed; protocol.md §5: a failure of the server's disk removes)."""
+    from engine.blocks import BLOCK_SIZE, TAG_LEN
+
+    batch = 16 * (BLOCK_SIZE + TAG_LEN)
+    srv = InProcessServer(root, idle_timeout=5.0)
+    try:
+        data, meta_path = make_file(root, 4 * 2**20)
+        fields = meta.read_meta_file(meta_path)
+        hs = handshake(root, srv.port, fields)
+        frames = sealed_frames(hs.cipher, data.read_bytes())
+        part = target(root, fields, ".part")
+        real, calls = os.writev, []
+
+        def faulty(fd: int, views: list[Any]) -> int:
+            calls.append(fd)
+            if len(calls) == 2:
+                if short:
+                    return real(fd, views[:3])
+                raise OSError(errno.EIO, "Input/output error")
+            if len(calls) == 3 and short:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, views)
+
+        monkeypatch.setattr(os, "writev", faulty)
+        with caplog.at_level("INFO", logger="m2y.server"):
+            hs.client.sendall(frames[: 2 * batch])  # two whole batches: the second waits in the ring
+            assert wait_until(lambda: part.exists() and part.stat().st_size >= 2**20)
+            hs.client.close()
+            assert wait_until(lambda: any(" B/s " in r.getMessage() or "MB/s" in r.getMessage()
+                                          for r in caplog.records))
+        monkeypatch.undo()
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("writing what arrived before the break failed" in m and "nothing is kept" in m
+                   for m in messages), messages
+        assert not any("for a resend" in m for m in messages), messages
+        assert wait_until(lambda: not part.exists())
+    finally:
+        srv.stop()

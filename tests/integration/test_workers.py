@@ -3,7 +3,9 @@ worker fails only its transfer."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -87,3 +89,43 @@ def test_dead_worker_fails_the_transfer_and_the_server_goes_on(root: Path) -> No
         assert result.returncode == 0, result.stderr
     finally:
         assert srv.stop() == 0
+
+
+def test_a_timeout_while_a_worker_stalls_keeps_the_batches_in_order(root: Path) -> None:
+    """The idle timeout fires while the server waits on a stalled worker (SIGSTOP): the batch it
+    waits for must stay first in line, not be skipped, so what is kept is the file's first bytes
+    in order; the drain gives the worker DRAIN_WAIT s and then keeps what was written, without
+    hanging; and the resend completes. (A cancel used to drop the awaited batch: the next one was
+    written at its offset, and the resend failed BAD_CRC.)"""
+    srv = start_server(root, "--workers", "1", "--idle-timeout", "2")
+    batch = 16 * (BLOCK_SIZE + TAG_LEN)
+    worker = None
+    try:
+        size = 10 * 2**20
+        data, meta_path = make_file(root, size)
+        fields = meta.read_meta_file(meta_path)
+        hs = handshake(root, srv.port, fields)
+        frames = sealed_frames(hs.cipher, data.read_bytes())
+        part = target(root, fields, ".part")
+        kids = [p for p in psutil.Process(srv.proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(kids) == 1
+        worker = kids[0]
+        hs.client.sendall(frames[: 4 * batch])
+        time.sleep(0.5)  # the worker verifies batches 0-3 (some are written only when their slot is needed)
+        worker.send_signal(signal.SIGSTOP)
+        hs.client.sendall(frames[4 * batch : 8 * batch])  # 0-3 are written, 4-7 wait on the stopped worker
+        assert wait_until(lambda: "for a resend" in srv.log() or "REFUSED" in srv.log(), timeout=15), srv.log()
+        kept = int(re.search(r"kept (\d+) B for a resend", srv.log()).group(1))  # type: ignore[union-attr]
+        assert kept == 4 * 2**20
+        assert part.read_bytes() == data.read_bytes()[:kept]  # in order: the file's first bytes
+        worker.send_signal(signal.SIGCONT)
+        hs.client.close()
+        again = run_send(root, srv.port, meta_path, extra=("--retries", "0"))
+        assert again.returncode == 0, again.stderr + srv.log()
+        assert f"resumed at {kept}" in again.stdout
+        assert target(root, fields).read_bytes() == data.read_bytes()
+    finally:
+        if worker is not None:
+            with contextlib.suppress(psutil.Error):
+                worker.send_signal(signal.SIGCONT)
+        srv.stop()
