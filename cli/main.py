@@ -27,6 +27,7 @@ from engine.defaults import (
     DEFAULT_TIMEOUT,
     MAX_BATCH,
     MAX_RETRIES,
+    MAX_RETRY_WAIT,
     MAX_WORKERS,
     default_workers,
 )
@@ -78,7 +79,7 @@ def _add_send(p: argparse.ArgumentParser) -> None:
                    help=f"more tries of a file whose connection broke before the ACK (each goes on where the "
                         f"server stopped) or whose server was busy (0-{MAX_RETRIES}, default {DEFAULT_RETRIES})")
     p.add_argument("--retry-wait", type=float, default=DEFAULT_RETRY_WAIT,
-                   help=f"seconds before the first retry, doubling for each next one "
+                   help=f"seconds before the first retry, doubling for each next one up to {MAX_RETRY_WAIT:g} "
                         f"(default {DEFAULT_RETRY_WAIT:g})")
     _add_workers(p)
     _add_batch(p)
@@ -104,8 +105,8 @@ def _batch(args: argparse.Namespace) -> int:
 def _retries(args: argparse.Namespace) -> tuple[int, float]:
     if not 0 <= args.retries <= MAX_RETRIES:
         raise ConfigError(f"--retries {args.retries} is out of range 0..{MAX_RETRIES}")
-    if not 0 <= args.retry_wait <= 3600:  # also refuses nan
-        raise ConfigError(f"--retry-wait {args.retry_wait:g} is out of range 0..3600 seconds")
+    if not 0 <= args.retry_wait <= MAX_RETRY_WAIT:  # also refuses nan
+        raise ConfigError(f"--retry-wait {args.retry_wait:g} is out of range 0..{MAX_RETRY_WAIT:g} seconds")
     return int(args.retries), float(args.retry_wait)
 
 
@@ -267,9 +268,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     def retrying(meta_path: Path, why: str, wait: float, number: int) -> None:
         if bars is not None:
             bars.close()
+        what = (f"retry {number} of {retries} in {wait:g} s" if number else
+                f"the server may still hold the broken connection (until its idle timeout); again in {wait:g} s")
         with contextlib.suppress(OSError):  # like the bars: a closed stderr never fails a transfer
-            print(one_line(f"{meta_path.name}: {why}; retry {number} of {retries} in {wait:g} s"),
-                  file=sys.stderr, flush=True)
+            print(one_line(f"{meta_path.name}: {why}; {what}"), file=sys.stderr, flush=True)
 
     try:
         results = send_files(args.metas, _root(args), args.host, args.port, args.timeout, _workers(args),
@@ -280,7 +282,10 @@ def cmd_send(args: argparse.Namespace) -> int:
             bars.close()
     for r in results:
         where = f" -> {r.renamed_to.name}" if r.renamed_to else ""
-        if r.ok and r.already:
+        if r.ok and r.already and r.retries:
+            print(one_line(f"{r.meta_path.name}: ACK, the server holds these {r.nbytes} bytes: they arrived before "
+                           f"the connection broke, and only the ACK was lost; nothing sent again{where}"))
+        elif r.ok and r.already:
             print(one_line(f"{r.meta_path.name}: ACK, the server already holds these {r.nbytes} bytes from an "
                            f"earlier send (whose ACK did not arrive); nothing sent again{where}"))
         elif r.ok and r.resumed_at:

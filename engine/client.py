@@ -27,7 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import envelope, meta
 from .blocks import BLOCK_SIZE, BlockCipher, batch_plain_size, block_count
-from .defaults import DEFAULT_BATCH, DEFAULT_RETRIES, DEFAULT_RETRY_WAIT, DEFAULT_TIMEOUT
+from .defaults import (
+    DEFAULT_BATCH,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_RETRIES,
+    DEFAULT_RETRY_WAIT,
+    DEFAULT_TIMEOUT,
+    MAX_RETRY_WAIT,
+)
 from .errors import (
     CannotConnect,
     ConfigError,
@@ -358,7 +365,8 @@ def _final_name(meta_path: Path, suffix: str) -> Path:
 
 
 RETRY_CODES = frozenset({RefuseCode.BUSY, RefuseCode.TIMEOUT})
-MAX_RETRY_WAIT = 30.0  # s, the longest pause between two tries
+HOLD_GRACE = DEFAULT_IDLE_TIMEOUT + 30.0  # s after a broken connection that BUSY is waited out
+HOLD_WAIT = 5.0  # s between two tries while it is
 
 
 def retryable(exc: M2YError, attempt: int) -> bool:
@@ -372,12 +380,20 @@ def retryable(exc: M2YError, attempt: int) -> bool:
     return isinstance(exc, Refused) and exc.code in RETRY_CODES
 
 
+def still_held(exc: M2YError, lost_at: float | None, now: float) -> bool:
+    """A BUSY soon after this file's connection broke: the server may still hold that connection,
+    and so the name, until its idle timeout (60 s by default) shows it the connection is gone.
+    Waiting that out is not a retry of its own."""
+    return (lost_at is not None and now - lost_at < HOLD_GRACE and isinstance(exc, Refused)
+            and exc.code == RefuseCode.BUSY)
+
+
 def retry_wait(first: float, attempt: int) -> float:
     """Seconds before try ``attempt + 2``: ``first``, doubling, at most MAX_RETRY_WAIT."""
     return float(min(first * 2.0 ** min(attempt, 32), MAX_RETRY_WAIT))
 
 
-OnRetry = Callable[[Path, str, float, int], None]  # (meta_path, why, seconds to wait, retry number)
+OnRetry = Callable[[Path, str, float, int], None]  # (meta_path, why, seconds to wait, retry number; 0: a hold)
 
 
 def send_files(metas: list[Path], root: Path, host: str, port: int,
@@ -387,7 +403,8 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
     """Send each .meta in turn; rename it .done on ACK, .failed otherwise. ``progress(meta_path,
     filesize)``, if given, is called once a file's first batch is sent and returns what hears of
     each batch of it. A file whose try fails ``retryable``-ly is tried again, up to ``retries``
-    more times, after ``retry_wait`` seconds; ``on_retry`` hears of each."""
+    more times, after ``retry_wait`` seconds; a BUSY while the server ``still_held`` the broken
+    connection is waited out besides; ``on_retry`` hears of each."""
 
     async def run() -> list[Result]:
         results: list[Result] = []
@@ -402,10 +419,11 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
 
     async def _send_all(pool: WorkerPool | None, results: list[Result]) -> list[Result]:
         for meta_path in metas:
-            started = time.monotonic()
             already, resumed_at, attempt = False, 0, 0
             prepared: Prepared | None = None
+            lost_at: float | None = None
             while True:
+                started = time.monotonic()  # the rate is of the last try
                 try:
                     if prepared is None:
                         prepared = prepare(meta_path, root)
@@ -414,6 +432,15 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
                     ok, message, nbytes = True, "ACK", sent.nbytes
                     already, resumed_at = sent.already, sent.resumed_at
                 except M2YError as exc:
+                    now = time.monotonic()
+                    if isinstance(exc, ConnectionLost) and not isinstance(exc, CannotConnect):
+                        lost_at = now
+                    if retries > 0 and still_held(exc, lost_at, now):
+                        wait = min(retry_wait(first_wait, attempt), HOLD_WAIT)
+                        if on_retry is not None:
+                            on_retry(meta_path, exc.reason, wait, 0)
+                        await asyncio.sleep(wait)
+                        continue
                     if attempt < retries and retryable(exc, attempt):
                         wait = retry_wait(first_wait, attempt)
                         attempt += 1

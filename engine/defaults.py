@@ -21,6 +21,7 @@ DEFAULT_TIMEOUT = 60.0  # seconds a client waits for the server
 DEFAULT_RETRIES = 3  # more tries of a file whose connection broke (each resumes) or whose server was busy
 MAX_RETRIES = 100
 DEFAULT_RETRY_WAIT = 1.0  # seconds before the first retry; doubles for each next one
+MAX_RETRY_WAIT = 30.0  # seconds, the longest pause between two tries
 DEFAULT_BATCH = 16  # 64 KiB blocks per batch
 MAX_BATCH = 64
 DEFAULT_BITS = 3072  # RSA key size

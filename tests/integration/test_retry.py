@@ -9,10 +9,12 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from engine import meta
+from engine.protocol import SERVER_PREFIX
 
 from .helpers import M2Y, ServerProcess, handshake, make_file, run_send, start_server, target, wait_until
 
@@ -23,10 +25,15 @@ class CuttingProxy:
     the server; those in ``slow``
     forward at most 64 KiB per 5 ms (~13 MB/s)."""
 
-    def __init__(self, port: int, cuts: dict[int, int], slow: frozenset[int] = frozenset()) -> None:
+    def __init__(self, port: int, cuts: dict[int, int], slow: frozenset[int] = frozenset(),
+                 half: bool = False, eat_ack: frozenset[int] = frozenset()) -> None:
         self.port = port
         self.cuts = cuts
         self.slow = slow
+        self.half = half  # a cut resets the client only: the server's side stays open, silent
+        self.eat_ack = eat_ack  # these connections pass the server's REPLY, then reset the client instead of its next
+        self.acks_eaten = 0
+        self._held: list[socket.socket] = []
         self.connections = 0
         self.forwarded: list[int] = []  # client -> server bytes, per connection
         self._stop = threading.Event()
@@ -41,6 +48,18 @@ class CuttingProxy:
         for t in list(self._threads):
             t.join(10)
         self._listener.close()
+        for s in self._held:
+            s.close()
+
+    def down(self) -> None:
+        """Stop listening: connecting is refused, as with no server."""
+        self._listener.close()
+
+    def up(self) -> None:
+        """Listen again on the same port."""
+        listener = socket.create_server(("127.0.0.1", self.listen_port))
+        listener.settimeout(0.1)
+        self._listener = listener
 
     def __enter__(self) -> CuttingProxy:
         return self
@@ -53,6 +72,9 @@ class CuttingProxy:
             try:
                 client, _ = self._listener.accept()
             except TimeoutError:
+                continue
+            except OSError:  # down(): wait for up()
+                self._stop.wait(0.05)
                 continue
             number = self.connections
             self.connections += 1
@@ -69,6 +91,7 @@ class CuttingProxy:
             client.close()
             return
         peer = {client: upstream, upstream: client}
+        from_server = bytearray()  # for eat_ack: the server's bytes, until its REPLY is complete
         sel = selectors.DefaultSelector()
         for s in peer:
             s.setblocking(False)
@@ -85,6 +108,17 @@ class CuttingProxy:
                         return
                     if not data:
                         return
+                    if src is upstream and number in self.eat_ack and len(from_server) + len(data) < SERVER_PREFIX.size:
+                        from_server += data  # the REPLY's prefix, not whole yet
+                    elif src is upstream and number in self.eat_ack:
+                        reply = SERVER_PREFIX.size + SERVER_PREFIX.unpack_from(bytes(from_server + data))[1]
+                        passing = max(reply - len(from_server), 0)
+                        from_server += data[:passing]
+                        if len(data) > passing:  # the next message (the ACK) is eaten
+                            if passing:
+                                client.sendall(data[:passing])
+                            self.acks_eaten += 1
+                            return
                     if src is client and number in self.slow:
                         self._stop.wait(0.005)
                     if src is client and limit is not None:
@@ -106,7 +140,10 @@ class CuttingProxy:
             # what it keeps a matter of timing).
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.close()
-            upstream.close()
+            if self.half and limit is not None and self.forwarded[number] >= limit:
+                self._held.append(upstream)
+            else:
+                upstream.close()
 
 
 def _send(root: Path, port: int, meta_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -163,13 +200,18 @@ def test_a_busy_name_is_tried_again(root: Path, server: ServerProcess) -> None:
     size = 300_000
     data, meta_path = make_file(root, size)
     hs = handshake(root, server.port, meta.read_meta_file(meta_path))
-    timer = threading.Timer(0.8, hs.client.close)
-    timer.start()
+
+    def release_after_busy() -> None:
+        wait_until(lambda: "REFUSED BUSY" in server.log(), timeout=30)
+        hs.client.close()
+
+    releaser = threading.Thread(target=release_after_busy, daemon=True)
+    releaser.start()
     try:
         result = _send(root, server.port, meta_path, "--retries", "5", "--retry-wait", "0.3")
     finally:
-        timer.cancel()
         hs.client.close()
+        releaser.join(35)
     assert result.returncode == 0, result.stderr
     assert "is being received right now; retry 1 of 5 in 0.3 s" in result.stderr, result.stderr
     assert f"ACK, {size} bytes in " in result.stdout  # nothing was kept: the holder sent no block
@@ -177,7 +219,7 @@ def test_a_busy_name_is_tried_again(root: Path, server: ServerProcess) -> None:
 
 
 def _send_through_a_restart(root: Path, srv: ServerProcess, meta_path: Path, part_at_least: int,
-                            restart: Callable[[ServerProcess], ServerProcess],
+                            restart: Callable[[ServerProcess, CuttingProxy], ServerProcess],
                             ) -> tuple[subprocess.CompletedProcess[str], ServerProcess]:
     """`m2y send` (8 retries) through a slow proxy; once the .part holds ``part_at_least`` bytes,
     ``restart(srv)`` ends the server its way and returns the new one, on the same port."""
@@ -188,7 +230,7 @@ def _send_through_a_restart(root: Path, srv: ServerProcess, meta_path: Path, par
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert wait_until(lambda: part.exists() and part.stat().st_size >= part_at_least, timeout=30)
-            srv = restart(srv)
+            srv = restart(srv, proxy)
             out, err = send.communicate(timeout=120)
         finally:
             if send.poll() is None:
@@ -206,9 +248,13 @@ def test_a_server_that_comes_back_is_reached(root: Path) -> None:
     data, meta_path = make_file(root, size)
     fields = meta.read_meta_file(meta_path)
 
-    def crash(old: ServerProcess) -> ServerProcess:
+    def crash(old: ServerProcess, proxy: CuttingProxy) -> ServerProcess:
+        proxy.down()  # while the server is away, connecting is refused: tries meet "cannot connect"
         _kill(old)
-        return start_server(root, "--port", str(old.port), "--idle-timeout", "5")
+        new = start_server(root, "--port", str(old.port), "--idle-timeout", "5")
+        time.sleep(1.0)
+        proxy.up()
+        return new
 
     try:
         result, srv = _send_through_a_restart(root, srv, meta_path, 1, crash)
@@ -216,6 +262,8 @@ def test_a_server_that_comes_back_is_reached(root: Path) -> None:
         srv.stop()
     assert result.returncode == 0, result.stderr
     assert "retry 1 of 8" in result.stderr
+    assert re.search(r"cannot connect to 127\.0\.0\.1:\d+: connection refused .*; retry [2-8] of 8", result.stderr), \
+        result.stderr
     assert f"ACK, {size} bytes in " in result.stdout, result.stdout
     assert target(root, fields).read_bytes() == data.read_bytes()
 
@@ -224,8 +272,8 @@ def test_retry_arguments_out_of_range_are_refused_before_anything_is_sent(root: 
     _, meta_path = make_file(root, 10)
     for extra, line in ((("--retries", "-1"), "--retries -1 is out of range 0..100"),
                         (("--retries", "101"), "--retries 101 is out of range 0..100"),
-                        (("--retry-wait", "nan"), "--retry-wait nan is out of range 0..3600 seconds"),
-                        (("--retry-wait", "-0.5"), "--retry-wait -0.5 is out of range 0..3600 seconds")):
+                        (("--retry-wait", "nan"), "--retry-wait nan is out of range 0..30 seconds"),
+                        (("--retry-wait", "-0.5"), "--retry-wait -0.5 is out of range 0..30 seconds")):
         result = _send(root, 9, meta_path, *extra)  # port 9: nothing is ever sent there
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"m2y send: {line}"], result.stderr
         assert meta_path.exists()  # untouched: not renamed .failed
@@ -304,7 +352,7 @@ def test_a_server_restarted_mid_file_lets_the_retry_go_on(root: Path) -> None:
     part = target(root, fields, ".part")
     kept: list[int] = []
 
-    def upgrade(old: ServerProcess) -> ServerProcess:
+    def upgrade(old: ServerProcess, _proxy: CuttingProxy) -> ServerProcess:
         assert old.stop() == 0
         m = re.search(r"CANCELLED \(server stopping\); kept (\d+) B for a resend", old.log())
         assert m, old.log()
@@ -320,3 +368,33 @@ def test_a_server_restarted_mid_file_lets_the_retry_go_on(root: Path) -> None:
     assert f"ACK, {size} bytes, resumed at {kept[0]}: {size - kept[0]} sent" in result.stdout, result.stdout
     assert target(root, fields).read_bytes() == data.read_bytes()
     assert not part.exists() and not target(root, fields, ".resume").exists()
+
+
+def test_a_connection_broken_on_the_client_side_only_is_waited_out(root: Path, server: ServerProcess) -> None:
+    """Only the client's side breaks (a middlebox resets it): the server holds the old connection,
+    and the name, until its idle timeout (3 s here). The tries meet BUSY meanwhile; that wait is
+    not counted against --retries (1 here), and the send goes on from what was kept."""
+    size = 8 * 2**20
+    data, meta_path = make_file(root, size)
+    with CuttingProxy(server.port, {0: 5 * 2**20}, half=True) as proxy:
+        result = _send(root, proxy.listen_port, meta_path, "--retries", "1", "--retry-wait", "0.2")
+    assert result.returncode == 0, result.stderr + server.log()
+    assert "is being received right now; the server may still hold the broken connection" in result.stderr
+    assert "retry 1 of 1 in 0.2 s" in result.stderr
+    assert re.search(rf"ACK, {size} bytes, resumed at [1-9]\d*: ", result.stdout), result.stdout
+    assert received(root, meta_path.with_suffix(".done")).read_bytes() == data.read_bytes()
+
+
+def test_a_lost_ack_then_a_retry_ends_done(root: Path, server: ServerProcess) -> None:
+    """The server's ACK never arrives (the proxy resets the client in its place): the file is durable
+    there, and the retry is told so in the REPLY; it ends .done and sends nothing again."""
+    size = 3 * 2**20 + 1
+    data, meta_path = make_file(root, size)
+    with CuttingProxy(server.port, {}, eat_ack=frozenset({0})) as proxy:
+        result = _send(root, proxy.listen_port, meta_path, "--retry-wait", "0.2")
+    assert proxy.acks_eaten == 1
+    assert result.returncode == 0, result.stderr
+    assert "retry 1 of 3 in 0.2 s" in result.stderr
+    assert (f"ACK, the server holds these {size} bytes: they arrived before the connection broke, and only the "
+            "ACK was lost; nothing sent again") in result.stdout, result.stdout
+    assert received(root, meta_path.with_suffix(".done")).read_bytes() == data.read_bytes()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.client import MAX_RETRY_WAIT, retry_wait, retryable
+from engine.client import HOLD_GRACE, retry_wait, retryable, still_held
+from engine.defaults import MAX_RETRY_WAIT
 from engine.errors import (
     CannotConnect,
     ConfigError,
@@ -50,3 +51,13 @@ def test_the_wait_doubles_up_to_its_cap() -> None:
     assert [retry_wait(0.25, a) for a in range(3)] == [0.25, 0.5, 1.0]
     assert retry_wait(0.0, 10) == 0.0
     assert retry_wait(1.0, 10**6) == MAX_RETRY_WAIT  # no overflow for absurd attempt numbers
+
+
+def test_a_busy_soon_after_a_broken_connection_is_a_hold_not_a_retry() -> None:
+    busy = Refused("server refused: x is being received right now", RefuseCode.BUSY)
+    assert still_held(busy, lost_at=100.0, now=100.5)
+    assert still_held(busy, lost_at=100.0, now=100.0 + HOLD_GRACE - 0.1)
+    assert not still_held(busy, lost_at=100.0, now=100.0 + HOLD_GRACE)  # the server had its idle timeout
+    assert not still_held(busy, lost_at=None, now=100.0)  # no broken connection before: a plain BUSY
+    for other in (Refused("x", RefuseCode.TIMEOUT), Refused("x", RefuseCode.EXISTS), ConnectionLost("reset")):
+        assert not still_held(other, lost_at=100.0, now=100.5)
