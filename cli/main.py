@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from engine.defaults import (
     DEFAULT_BATCH,
     DEFAULT_BITS,
+    DEFAULT_CHECKPOINT,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
@@ -61,6 +62,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="seconds a client has to send its header and metadata, however it trickles them")
     p.add_argument("--keep-partial", type=float, default=DEFAULT_KEEP_PARTIAL,
                    help="seconds the received part of an interrupted send waits for a resend (0: never kept)")
+    p.add_argument("--checkpoint", type=float, default=DEFAULT_CHECKPOINT,
+                   help=f"seconds between records of what a transfer under way has written, so that a crash "
+                        f"of the server keeps it for a resend (0: never; default {DEFAULT_CHECKPOINT:g})")
     p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS,
                    help="transfers at once; more are refused as busy")
     _add_workers(p)
@@ -108,6 +112,12 @@ def _retries(args: argparse.Namespace) -> tuple[int, float]:
     if not 0 <= args.retry_wait <= MAX_RETRY_WAIT:  # also refuses nan
         raise ConfigError(f"--retry-wait {args.retry_wait:g} is out of range 0..{MAX_RETRY_WAIT:g} seconds")
     return int(args.retries), float(args.retry_wait)
+
+
+def _checkpoint(args: argparse.Namespace) -> float:
+    if not 0 <= args.checkpoint <= 86400:  # also refuses nan
+        raise ConfigError(f"--checkpoint {args.checkpoint:g} is out of range 0..86400 seconds")
+    return float(args.checkpoint)
 
 
 def _workers(args: argparse.Namespace) -> int:
@@ -205,7 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_file_size=args.max_file_size, idle_timeout=args.idle_timeout,
                           workers=_workers(args), max_clients=args.max_clients,
                           handshake_timeout=args.handshake_timeout, batch=_batch(args),
-                          keep_partial=args.keep_partial)
+                          keep_partial=args.keep_partial, checkpoint=_checkpoint(args))
 
     def listening(server: Server) -> None:
         names = ", ".join(sorted(n for n, _ in server.keys.users.values())) or "none yet"

@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ from .blocks import BlockCipher, batch_plain_size
 from .crc import crc64_combine
 from .defaults import (
     DEFAULT_BATCH,
+    DEFAULT_CHECKPOINT,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HOST,
     DEFAULT_IDLE_TIMEOUT,
@@ -89,6 +91,7 @@ class ServerConfig:
     max_clients: int = DEFAULT_MAX_CLIENTS
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     keep_partial: float = DEFAULT_KEEP_PARTIAL
+    checkpoint: float = DEFAULT_CHECKPOINT
 
 
 class KeyRing:
@@ -278,6 +281,7 @@ class _Session:
         self.stop_cancelled = False  # cancelled by the server stopping, for no fault of the transfer
         self.resumed_from = 0  # bytes of the file the server had kept before this connection
         self.written_crc: tuple[int, int] | None = None  # (CRC, length) of the bytes written so far
+        self.next_checkpoint = self.loop.time() + server.config.checkpoint  # loop time of the next record
         self.busy_here = False  # the server itself is working (begin, a slow write): no client clock runs
         self.slow_disk = False  # a write stalled: this transfer's writes go to a thread (_write)
         # A deadline no trickle of bytes can push back: the handshake, then the first authenticated
@@ -518,6 +522,8 @@ class _Session:
             crc = batch_crc if ring.chained else crc64_combine(crc, batch_crc, plain_len)
             self.written_crc = (crc, incoming.written)  # what a resend would go on from
             free.append(slot)
+            if self.loop.time() >= self.next_checkpoint:
+                self._checkpoint(incoming)
 
         try:
             while self.conn.blocks_remaining() > 0:
@@ -539,6 +545,22 @@ class _Session:
             ring.close()
             self.ring = None
         return crc
+
+    def _checkpoint(self, incoming: Incoming) -> None:
+        """Record what is written (``Incoming.checkpoint``, in a thread) so that a crash of the server
+        keeps it for a resend; one at a time, every ``--checkpoint`` seconds."""
+        config = self.server.config
+        if config.checkpoint <= 0 or config.keep_partial <= 0 or self.written_crc is None:
+            self.next_checkpoint = math.inf
+            return
+        self.next_checkpoint = math.inf  # until this one is done
+        crc, written = self.written_crc
+        fut = self.loop.run_in_executor(self.server.writers, incoming.checkpoint, crc, written)
+
+        def done(_: Any) -> None:
+            self.next_checkpoint = self.loop.time() + config.checkpoint
+
+        fut.add_done_callback(done)
 
     async def _drain(self, ring: Ring, retire_oldest: Callable[[], Awaitable[None]]) -> None:
         """The transfer ends for no fault of its bytes: write, in order, the batches that arrived

@@ -247,6 +247,7 @@ class Incoming:
     fields_json: str = field(default="", repr=False)  # its metadata, exactly (for a resend to match)
     resume_crc: int | None = field(default=None, repr=False)  # set: resumed, ``written`` bytes were there
     partial: Partial | None = field(default=None, repr=False)  # the kept part this transfer took over
+    recorded: bool = field(default=False, repr=False)  # a checkpoint wrote its record (keptpart.py)
     tmp_ours: bool = field(default=False, repr=False)
     part_ours: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -304,7 +305,7 @@ class Incoming:
             try:
                 os.unlink(self.part_path.name, dir_fd=self.dir_fd)
                 self.part_ours = False
-                if self.partial is not None:  # it resumed a kept part, which may have had a record
+                if self.partial is not None or self.recorded:  # a record of it may be there
                     keptpart.remove(self.dir_fd, self.part_path.name.removesuffix(".part"))
                 os.fsync(self.dir_fd)
             except OSError as exc:
@@ -341,6 +342,32 @@ class Incoming:
         with self._lock:
             self._close_dir()
         self.store.release(self)
+
+    def checkpoint(self, crc: int, written: int) -> bool:
+        """Let the first ``written`` bytes (CRC ``crc``) survive a crash of the server: fsync them,
+        then write the record (keptpart.py) that the next start takes the part back by. Blocking: in
+        a thread, while the loop goes on appending (bytes the record does not vouch for: a start
+        cuts them off). Nothing once the transfer is done (committed, aborted, suspended)."""
+        with self._lock:
+            if self.done or self.fd < 0 or self.dir_fd < 0 or not self.meta_ours or written <= 0:
+                return False
+            fd, dir_fd = os.dup(self.fd), os.dup(self.dir_fd)
+        try:
+            os.fdatasync(fd)
+            ino = os.fstat(fd).st_ino
+            with self._lock:  # not while a commit or an abort works on it: they remove the record
+                if self.done:
+                    return False
+                keptpart.write(dir_fd, self.part_path.name.removesuffix(".part"),
+                               keptpart.Record(written, crc, keptpart.meta_digest(self.meta_bytes), ino))
+                self.recorded = True
+            return True
+        except OSError as exc:
+            log.warning("%s: no checkpoint: %s", self.part_path, exc.strerror or exc)
+            return False
+        finally:
+            os.close(fd)
+            os.close(dir_fd)
 
     @property
     def resume_block(self) -> int:
@@ -395,7 +422,7 @@ class Incoming:
                 os.close(fd)
         names = [name for name, ours in ((self.part_path.name, self.part_ours), (self._tmp_name, self.tmp_ours),
                                          (self.meta_path.name, self.meta_ours and not self.linked)) if ours]
-        record = self.part_ours and self.partial is not None  # a kept part taken over may have a record
+        record = self.part_ours and (self.partial is not None or self.recorded)  # a record of it may be there
         self.part_ours = self.tmp_ours = False
         if self.dir_fd >= 0 and record:
             keptpart.remove(self.dir_fd, self.part_path.name.removesuffix(".part"))

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from engine import meta
 from engine.protocol import SERVER_PREFIX
 
@@ -341,35 +343,6 @@ def test_a_record_that_does_not_hold_is_removed_with_its_part(root: Path) -> Non
         srv.stop()
 
 
-def test_a_server_restarted_mid_file_lets_the_retry_go_on(root: Path) -> None:
-    """The server is stopped (SIGTERM, as for an upgrade) while a file comes in, and started again
-    on its port: it kept what it had written, with its record, and `m2y send`'s retries reach the
-    new server and send only the rest."""
-    srv = start_server(root)
-    size = 16 * 2**20
-    data, meta_path = make_file(root, size)
-    fields = meta.read_meta_file(meta_path)
-    part = target(root, fields, ".part")
-    kept: list[int] = []
-
-    def upgrade(old: ServerProcess, _proxy: CuttingProxy) -> ServerProcess:
-        assert old.stop() == 0
-        m = re.search(r"CANCELLED \(server stopping\); kept (\d+) B for a resend", old.log())
-        assert m, old.log()
-        kept.append(int(m.group(1)))
-        assert target(root, fields, ".resume").exists() and part.stat().st_size == kept[0]
-        return start_server(root, "--port", str(old.port))
-
-    try:
-        result, srv = _send_through_a_restart(root, srv, meta_path, 2**20, upgrade)
-    finally:
-        srv.stop()
-    assert result.returncode == 0, result.stderr
-    assert f"ACK, {size} bytes, resumed at {kept[0]}: {size - kept[0]} sent" in result.stdout, result.stdout
-    assert target(root, fields).read_bytes() == data.read_bytes()
-    assert not part.exists() and not target(root, fields, ".resume").exists()
-
-
 def test_a_connection_broken_on_the_client_side_only_is_waited_out(root: Path, server: ServerProcess) -> None:
     """Only the client's side breaks (a middlebox resets it): the server holds the old connection,
     and the name, until its idle timeout (3 s here). The tries meet BUSY meanwhile; that wait is
@@ -398,3 +371,80 @@ def test_a_lost_ack_then_a_retry_ends_done(root: Path, server: ServerProcess) ->
     assert (f"ACK, the server holds these {size} bytes: they arrived before the connection broke, and only the "
             "ACK was lost; nothing sent again") in result.stdout, result.stdout
     assert received(root, meta_path.with_suffix(".done")).read_bytes() == data.read_bytes()
+
+
+@pytest.mark.parametrize("how", ["stop", "crash"])
+def test_a_server_restarted_mid_file_lets_the_retry_go_on(root: Path, how: str) -> None:
+    """The server goes away while a file comes in, and starts again on its port; `m2y send`'s retries
+    reach the new server and send only the rest, and no record is left after the ACK.
+    - stop (SIGTERM, as for an upgrade): it keeps what it had written, with its record;
+    - crash (SIGKILL: no stop, no suspend): its checkpoints (every 0.2 s here) recorded what was
+      written, and the next start takes the part back, cut to the last record."""
+    srv = start_server(root, "--checkpoint", "0.2")
+    size = 16 * 2**20
+    data, meta_path = make_file(root, size)
+    fields = meta.read_meta_file(meta_path)
+    record, part = target(root, fields, ".resume"), target(root, fields, ".part")
+    kept: list[int] = []
+
+    def restart(old: ServerProcess, _proxy: CuttingProxy) -> ServerProcess:
+        if how == "stop":
+            assert old.stop() == 0
+            m = re.search(r"CANCELLED \(server stopping\); kept (\d+) B for a resend", old.log())
+            assert m, old.log()
+            assert record.exists() and part.stat().st_size == int(m.group(1))
+        else:
+            assert wait_until(lambda: keptpart_written(record) >= 2**20, timeout=30)
+            _kill(old)
+        new = start_server(root, "--port", str(old.port), "--checkpoint", "0.2")
+        m = re.search(r"(\d+) B kept by the previous server", new.log())
+        assert m, new.log()
+        kept.append(int(m.group(1)))
+        return new
+
+    try:
+        result, srv = _send_through_a_restart(root, srv, meta_path, 2**20, restart)
+    finally:
+        srv.stop()
+    assert result.returncode == 0, result.stderr
+    assert f"ACK, {size} bytes, resumed at {kept[0]}: {size - kept[0]} sent" in result.stdout, result.stdout
+    assert target(root, fields).read_bytes() == data.read_bytes()
+    assert not record.exists() and not part.exists()
+
+
+def keptpart_written(record: Path) -> int:
+    from engine import keptpart
+
+    decoded = keptpart.decode(record.read_bytes()) if record.exists() else None
+    return decoded.written if decoded is not None else 0
+
+
+def test_checkpoints_leave_no_record_after_the_ack(root: Path) -> None:
+    """Records come and go during a transfer (seen here while it runs), and none is left after it."""
+    srv = start_server(root, "--checkpoint", "0.01")
+    size = 24 * 2**20
+    data, meta_path = make_file(root, size)
+    fields = meta.read_meta_file(meta_path)
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if (n := keptpart_written(target(root, fields, ".resume"))) and n not in seen:
+                seen.append(n)
+            done.wait(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with CuttingProxy(srv.port, {}, slow=frozenset({0})) as proxy:
+            result = _send(root, proxy.listen_port, meta_path)
+    finally:
+        done.set()
+        watcher.join(10)
+        srv.stop()
+    assert result.returncode == 0, result.stderr
+    assert len(seen) >= 2 and seen == sorted(seen) and all(n % 2**16 == 0 for n in seen), seen
+    assert target(root, fields).read_bytes() == data.read_bytes()
+    assert not target(root, fields, ".resume").exists()
+    assert "no checkpoint" not in srv.log()
