@@ -52,7 +52,7 @@ def decode(raw: bytes) -> Record | None:
         obj = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):
         return None
-    if not isinstance(obj, dict) or set(obj) != _KEYS or obj["v"] != VERSION or isinstance(obj["v"], bool):
+    if not isinstance(obj, dict) or set(obj) != _KEYS or type(obj["v"]) is not int or obj["v"] != VERSION:
         return None
     written, crc, digest, ino = obj["written"], obj["crc"], obj["meta"], obj["ino"]
     if type(written) is not int or written < 1 or type(ino) is not int or ino < 0:
@@ -102,8 +102,12 @@ def read(dir_fd: int, stem: str) -> Record | None:
         os.close(fd)
 
 
-def remove(dir_fd: int, stem: str) -> None:
-    """Best effort: a record left behind is removed by the next start (it has no .part to vouch for)."""
+def remove(dir_fd: int, stem: str) -> bool:
+    """Best effort (a record left behind with no .part is removed by the next start); True if a
+    record was there and is gone."""
+    gone = False
     for name in (f"{stem}{SUFFIX}", f".{stem}{SUFFIX}.tmp"):
         with contextlib.suppress(OSError):
             os.unlink(name, dir_fd=dir_fd)
+            gone = gone or name.endswith(SUFFIX)
+    return gone

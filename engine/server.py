@@ -495,6 +495,10 @@ class _Session:
             await asyncio.shield(commit)  # a stopping server waits for a commit under way
         except asyncio.CancelledError:
             await asyncio.wait([commit])
+            failed = commit.exception()
+            if failed is not None:  # not durable: nothing of it is kept, whatever stops us
+                self.failure = failed if isinstance(failed, M2YError) else LocalProtocolError(
+                    f"server I/O error: {failed}", RefuseCode.INTERNAL)
             if commit.exception() is None:  # durable: release it, and tell the client if we still can
                 incoming.finish()
                 with contextlib.suppress(OSError):
@@ -514,13 +518,22 @@ class _Session:
         self.ring = ring
         free = list(range(ring.depth))
 
+        crc_len = incoming.written  # the bytes ``crc`` is of
+
         async def retire_oldest() -> None:
-            nonlocal crc
+            nonlocal crc, crc_len
             slot, batch_crc, plain_len = await ring.result()
             self.deadline = None  # this batch authenticated: the sender holds the filekey
-            await self._write(incoming, ring.plain(slot, plain_len))
-            crc = batch_crc if ring.chained else crc64_combine(crc, batch_crc, plain_len)
-            self.written_crc = (crc, incoming.written)  # what a resend would go on from
+            after = batch_crc if ring.chained else crc64_combine(crc, batch_crc, plain_len)
+            try:
+                await self._write(incoming, ring.plain(slot, plain_len))
+            finally:
+                # A cancel (a stop) may come while a write in a thread is waited out: if the batch
+                # did reach the file, its CRC counts, or the next batch's would be joined to a
+                # CRC without it. A write that failed midway leaves the two apart: nothing is kept.
+                if incoming.written == crc_len + plain_len:
+                    crc, crc_len = after, crc_len + plain_len
+                    self.written_crc = (crc, crc_len)  # what a resend would go on from
             free.append(slot)
             if self.loop.time() >= self.next_checkpoint:
                 self._checkpoint(incoming)
@@ -620,7 +633,11 @@ class _Session:
         except asyncio.CancelledError:
             await asyncio.wait([fut])
             if not fut.cancelled() and fut.exception() is None:
-                fut.result().abort()
+                incoming = fut.result()
+                # A resend that took a kept part over when the server stops keeps it, as it was.
+                if not (self.server.stopping and incoming.resume_crc is not None
+                        and incoming.suspend(incoming.resume_crc, incoming.written)):
+                    incoming.abort()
             raise
 
     def _batch_failed(self, exc: M2YError) -> None:

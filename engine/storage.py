@@ -37,7 +37,15 @@ from . import keptpart
 from .blocks import BLOCK_SIZE, block_count
 from .crc import BytesLike
 from .defaults import DEFAULT_KEEP_PARTIAL
-from .errors import AlreadyReceived, ConfigError, LocalProtocolError, RefuseCode, RemoteProtocolError, one_line
+from .errors import (
+    AlreadyReceived,
+    ConfigError,
+    LocalProtocolError,
+    M2YError,
+    RefuseCode,
+    RemoteProtocolError,
+    one_line,
+)
 from .meta import KEY_FOLDERS, MAX_FOLDER_LEN, safe_folder
 from .pool import advance
 from .users import check_user
@@ -248,6 +256,7 @@ class Incoming:
     resume_crc: int | None = field(default=None, repr=False)  # set: resumed, ``written`` bytes were there
     partial: Partial | None = field(default=None, repr=False)  # the kept part this transfer took over
     recorded: bool = field(default=False, repr=False)  # a checkpoint wrote its record (keptpart.py)
+    committing: bool = field(default=False, repr=False)  # commit() began: never suspended after
     tmp_ours: bool = field(default=False, repr=False)
     part_ours: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -280,6 +289,9 @@ class Incoming:
                 raise RemoteProtocolError(
                     f"received {self.written} bytes, metadata says {self.filesize}", RefuseCode.BAD_CRC
                 )
+            self.committing = True  # from here it is never kept for a resend: it ends linked or removed
+            if self.partial is not None or self.recorded:  # first: a record must never name a .data
+                keptpart.remove(self.dir_fd, self.part_path.name.removesuffix(".part"))
             os.fsync(self.fd)
             fd, self.fd = self.fd, -1
             os.close(fd)
@@ -305,8 +317,6 @@ class Incoming:
             try:
                 os.unlink(self.part_path.name, dir_fd=self.dir_fd)
                 self.part_ours = False
-                if self.partial is not None or self.recorded:  # a record of it may be there
-                    keptpart.remove(self.dir_fd, self.part_path.name.removesuffix(".part"))
                 os.fsync(self.dir_fd)
             except OSError as exc:
                 log.warning("%s: cannot tidy up after commit: %s", self.part_path, exc.strerror or exc)
@@ -383,7 +393,8 @@ class Incoming:
         partial = None
         with self._lock:
             whole = self.written % BLOCK_SIZE == 0 or self.written == self.filesize
-            if (not self.done and not self.linked and self.fd >= 0 and self.dir_fd >= 0 and self.meta_ours
+            if (not self.done and not self.linked and not self.committing and self.fd >= 0 and self.dir_fd >= 0
+                    and self.meta_ours
                     and 0 < self.written == crc_len and whole and self.store.keep_partial > 0):
                 try:
                     st = os.fstat(self.fd)
@@ -616,7 +627,7 @@ def _sweep_folder(dir_fd: int, path: Path, depth: int, senders: set[str],
             records.append(name)  # after the loop: removed unless its .part was taken back
             continue
         if kept is not None and m.group("kind") == ".part" and f"{stem}{keptpart.SUFFIX}" in names:
-            partial = _take_back(dir_fd, stem, st, names)
+            partial = _take_back(dir_fd, stem, st, names, path)
             if partial is not None:
                 kept.append((str(path / stem), partial))
                 taken.add(stem)
@@ -644,10 +655,12 @@ def _sweep_folder(dir_fd: int, path: Path, depth: int, senders: set[str],
             os.fsync(dir_fd)
 
 
-def _take_back(dir_fd: int, stem: str, st: os.stat_result, names: set[str]) -> Partial | None:
-    """The kept part ``stem.part`` (``st``) if its record holds: the record is ours and names this
-    inode, the .meta beside it is the one it was kept with and names this stem, no .data took the
-    name. The .part is cut to the bytes the record vouches for (fsynced when it was written)."""
+def _take_back(dir_fd: int, stem: str, st: os.stat_result, names: set[str], path: Path) -> Partial | None:
+    """The kept part ``stem.part`` (``st``) in the folder ``path`` if its record holds: the record is
+    ours and names this inode, the .meta beside it is the one it was kept with and names this stem
+    and folder, no .data took the name, and the file opened is the one looked at, ours, with one
+    link (a folder's owner may swap it in between: a new file may get the freed inode number). The
+    .part is cut to the bytes the record vouches for (fsynced when it was written)."""
     if f"{stem}.data" in names or f"{stem}.meta" not in names or st.st_nlink != 1:
         return None
     record = keptpart.read(dir_fd, stem)
@@ -661,7 +674,14 @@ def _take_back(dir_fd: int, stem: str, st: os.stat_result, names: set[str]) -> P
     except (ValueError, RecursionError):
         return None
     if (not isinstance(fields, dict) or f"{fields.get('from')}_{fields.get('datetime')}" != stem
-            or type(fields.get("filesize")) is not int or record.written > fields["filesize"]):
+            or type(fields.get("filesize")) is not int or record.written > fields["filesize"]
+            or (record.written % BLOCK_SIZE and record.written != fields["filesize"])):
+        return None
+    try:
+        where = (check_user(str(fields.get("to"))), *safe_folder(fields.get("folder")).split("/"))
+    except M2YError:
+        return None
+    if path.parts[-len(where):] != where:  # the recipient and folder it was sent to, not moved since
         return None
     try:
         fd = os.open(f"{stem}.part", os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -669,7 +689,8 @@ def _take_back(dir_fd: int, stem: str, st: os.stat_result, names: set[str]) -> P
         return None
     try:
         fst = os.fstat(fd)
-        if not stat.S_ISREG(fst.st_mode) or fst.st_ino != record.ino:
+        if (not stat.S_ISREG(fst.st_mode) or fst.st_uid != os.geteuid() or fst.st_nlink != 1
+                or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or fst.st_ino != record.ino):
             return None
         if fst.st_size != record.written:  # bytes written after the record: not vouched for
             os.ftruncate(fd, record.written)
@@ -829,6 +850,10 @@ class Storage:
                 if incoming.fd < 0:  # not the file that was kept: start afresh
                     incoming.written, incoming.resume_crc = 0, None
             if incoming.fd < 0:
+                # A fresh .part: a record of an older one must go first (and durably), or a crash
+                # could let the next start take the new bytes back under the old record's CRC.
+                if keptpart.remove(dir_fd, incoming.part_path.name.removesuffix(".part")):
+                    os.fsync(dir_fd)
                 incoming.fd = _create_file(incoming.part_path.name, dir_fd)
             incoming.part_ours = True
         except BaseException:
@@ -937,7 +962,11 @@ class Storage:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode) or _identity(st) != partial.inode:
                     return False
-                os.fdatasync(fd)  # what the record vouches for is durable before the record
+                try:
+                    os.fdatasync(fd)  # what the record vouches for is durable before the record
+                except OSError:
+                    self._drop(key, partial)  # its bytes may not be what the CRC says: never resumed
+                    raise
             finally:
                 os.close(fd)
             with self._begins:  # no begin takes it over, no expiry removes it, while the record is written
@@ -954,6 +983,13 @@ class Storage:
             os.close(dir_fd)
         log.info("%s.part: its %d B kept past a restart", one_line(key), partial.written)
         return True
+
+    def _drop(self, key: str, partial: Partial) -> None:
+        """Out of the table, for ``expire`` to remove."""
+        with self._table:
+            if self._partial.get(key) is partial:
+                del self._partial[key]
+                self._removing.append(partial)
 
     def adopt(self, kept: list[tuple[str, Partial]]) -> None:
         """Parts a previous server kept (``sweep_leftovers``), waiting from now for their resend."""

@@ -65,6 +65,7 @@ def main() -> int:
     ap.add_argument("--size", type=parse_size, default=parse_size("20GB"))
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/m2y-big"))
     ap.add_argument("--workers", type=int, default=None, help="passed to serve and send (default: theirs)")
+    ap.add_argument("--checkpoint", type=float, default=None, help="passed to serve (default: its own)")
     ap.add_argument("--json", type=Path, default=REPO / "perf" / "results" / "bigfile.json")
     ap.add_argument("--keep", action="store_true", help="keep the files afterwards")
     args = ap.parse_args()
@@ -92,7 +93,8 @@ def main() -> int:
         subprocess.run([*M2Y, "meta", str(data), "--from", "zhenqiang", "--to", "roland-frei", "--folder", "big",
                         "--root", str(root)], check=True, capture_output=True, timeout=3600)
         extra = [] if args.workers is None else ["--workers", str(args.workers)]
-        server = subprocess.Popen([*M2Y, "serve", "--root", str(root), "--port", "0", *extra],
+        checkpoint = [] if args.checkpoint is None else ["--checkpoint", str(args.checkpoint)]
+        server = subprocess.Popen([*M2Y, "serve", "--root", str(root), "--port", "0", *extra, *checkpoint],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert server.stdout is not None
         line = server.stdout.readline()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from engine import meta
+from engine import keptpart, meta
 from engine.crc import crc64
 from engine.errors import RefuseCode
 from engine.protocol import Ack, FileCRC
@@ -245,3 +245,118 @@ def test_a_disk_error_while_writing_what_arrived_before_a_break_keeps_nothing(
         assert wait_until(lambda: not part.exists())
     finally:
         srv.stop()
+
+
+# A server stopping while transfers are under way (found by a review helper, 2026-11-26).
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stop_during_a_threaded_write_keeps_a_record_whose_crc_is_of_its_bytes(
+        root: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    payload, fields = payload_fields(6 * 2**20)
+    part_name = target(root, fields, ".part").name
+    real_writev = os.writev
+    calls = [0]
+    in_third = threading.Event()
+
+    def slow_writev(fd: int, buffers: Any) -> int:
+        try:
+            ours = os.readlink(f"/proc/self/fd/{fd}").endswith(part_name)
+        except OSError:
+            ours = False
+        if ours:
+            calls[0] += 1
+            if calls[0] == 1:
+                time.sleep(0.15)  # slow: from now on writes go to a thread
+            elif calls[0] == 3:
+                in_third.set()
+                time.sleep(0.5)  # the stop arrives meanwhile
+        return real_writev(fd, buffers)
+
+    srv = InProcessServer(root, idle_timeout=30.0, workers=workers)
+    monkeypatch.setattr(os, "writev", slow_writev)
+    hs = handshake(root, srv.port, dict(fields))
+    hs.client.sendall(sealed_frames(hs.cipher, payload))
+    assert in_third.wait(10), calls
+    srv.stop()
+    monkeypatch.undo()
+    hs.client.close()
+    part = target(root, fields, ".part")
+    dir_fd = os.open(part.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        rec = keptpart.read(dir_fd, part.name.removesuffix(".part"))
+    finally:
+        os.close(dir_fd)
+    assert rec is not None
+    on_disk = part.read_bytes()[: rec.written]
+    assert on_disk == payload[: rec.written]
+    assert rec.crc == crc64(on_disk), f"record CRC {rec.crc:016x} is not the CRC of its {rec.written} bytes"
+    assert rec.written >= 3 * 2**20  # the batch whose write the stop waited out counts
+
+
+def test_a_stop_during_a_commit_whose_fsync_fails_keeps_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    payload, fields = payload_fields(2 * 2**20)
+    part_name = target(root, fields, ".part").name
+    real_fsync = os.fsync
+    entered = threading.Event()
+
+    def bad_fsync(fd: int) -> None:
+        try:
+            ours = os.readlink(f"/proc/self/fd/{fd}").endswith(part_name)
+        except OSError:
+            ours = False
+        if ours and threading.current_thread() is not threading.main_thread() and not entered.is_set():
+            entered.set()
+            time.sleep(0.5)
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    srv = InProcessServer(root, idle_timeout=30.0)
+    monkeypatch.setattr(os, "fsync", bad_fsync)
+    hs = handshake(root, srv.port, dict(fields))
+    hs.send_frames(sealed_frames(hs.cipher, payload))
+    hs.client.send_event(FileCRC(hs.cipher.seal_crc(crc64(payload))))
+    assert entered.wait(10)
+    srv.stop()
+    monkeypatch.undo()
+    hs.client.close()
+    assert not target(root, fields, ".resume").exists() and not target(root, fields, ".part").exists()
+    assert not target(root, fields).exists()
+
+
+def test_a_stop_while_a_resend_is_in_begin_keeps_the_kept_part(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from engine.protocol import Connection, Envelope, Header, Role
+
+    from .helpers import sealed_request
+
+    payload, fields = payload_fields(6 * 2**20)
+    srv = InProcessServer(root, idle_timeout=30.0)
+    hs = handshake(root, srv.port, dict(fields))
+    hs.client.sendall(sealed_frames(hs.cipher, payload)[: 5 * 16 * (65536 + 16)])
+    part = target(root, fields, ".part")
+    assert wait_until(lambda: part.exists() and part.stat().st_size >= 2**20)
+    hs.client.close()
+    storage = srv.server.storage
+    assert wait_until(lambda: bool(storage._partial))
+    assert wait_until(lambda: target(root, fields, ".resume").exists())
+    real_begin = storage.begin
+    entered = threading.Event()
+
+    def slow_begin(f: dict[str, Any]) -> Any:
+        entered.set()
+        time.sleep(0.5)
+        return real_begin(f)
+
+    monkeypatch.setattr(storage, "begin", slow_begin)
+    fh, th, env = sealed_request(root, meta.request(fields))
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    conn = Connection(Role.CLIENT)
+    for chunk in conn.send(Header(len(env), fh, th)) + conn.send(Envelope(env)):
+        sock.sendall(chunk)
+    assert entered.wait(10)
+    srv.stop()
+    sock.close()
+    assert part.exists() and part.stat().st_size >= 2**20, "the stop removed the kept part a resend had taken over"
+    assert target(root, fields, ".resume").exists()

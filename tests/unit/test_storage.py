@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
+from engine.crc import crc64
 from engine.errors import AlreadyReceived, ProtocolError, RefuseCode, RemoteProtocolError
 from engine.storage import Storage
 
@@ -1168,7 +1169,8 @@ def test_sweep_removes_records_that_vouch_for_nothing(root: Path) -> None:
         keptpart.write(fd, alone, keptpart.Record(65536, 1, "00" * 32, 1))  # no .part beside it
         other = "zhenqiang_01-01-2020_00-00-00"
         (photo / f"{other}.part").write_bytes(b"y" * 65536)
-        meta_bytes = json.dumps({"from": "zhenqiang", "datetime": "01-01-2020_00-00-00", "filesize": 10**6}).encode()
+        meta_bytes = json.dumps({"from": "zhenqiang", "to": "roland-frei", "folder": "photo",
+                                 "datetime": "01-01-2020_00-00-00", "filesize": 10**6}).encode()
         (photo / f"{other}.meta").write_bytes(meta_bytes)
         good = keptpart.Record(65536, 7, keptpart.meta_digest(meta_bytes), (photo / f"{other}.part").stat().st_ino)
         keptpart.write(fd, other, keptpart.Record(65536, 7, good.meta_sha256, good.ino + 1))  # another inode
@@ -1192,3 +1194,62 @@ def test_sweep_removes_records_that_vouch_for_nothing(root: Path) -> None:
                                                                      f"{other}.resume"}
     finally:
         os.close(fd)
+
+
+def _kept_with_record(root: Path, payload: bytes, rest: bytes) -> tuple[Storage, dict[str, Any]]:
+    """A part of ``payload`` kept for a resend, with its record; the file is ``payload + rest``."""
+    (root / "roland-frei" / "pubKey").mkdir(parents=True, exist_ok=True)
+    (root / "roland-frei" / "pubKey" / "zhenqiang.data").write_text("a key")  # a sender the sweep knows
+    f = fields(size=len(payload) + len(rest))
+    f["fileCRC"] = crc64(payload + rest)
+    store = Storage(root, 10 * MiB)
+    incoming = store.begin(dict(f))
+    incoming.write(payload)
+    assert incoming.suspend(crc64(payload), len(payload))
+    assert store.persist(incoming.key)
+    return store, f
+
+
+def test_a_part_swapped_before_the_take_back_opens_it_is_not_taken(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder's owner swaps the .part between the sweep's look and its open (a new file may get
+    the freed inode number): the file opened must be ours, with one link, the one looked at."""
+    import engine.storage as storage
+    from engine.storage import sweep_leftovers
+
+    store, _ = _kept_with_record(root, os.urandom(2 * 65536), os.urandom(1000))
+    store.close()
+    part = with_suffix(target(root), ".part")
+    real, swapped = storage._stored_bytes, []
+
+    def swap_then_read(dir_fd: int, name: str) -> bytes | None:
+        if not swapped:
+            part.unlink()
+            part.write_bytes(b"EVIL" * (2 * 65536 // 4))
+            os.chown(part, 65534, 65534)  # another user's file
+            swapped.append(True)
+        return real(dir_fd, name)
+
+    monkeypatch.setattr(storage, "_stored_bytes", swap_then_read)
+    kept: list[tuple[str, Any]] = []
+    sweep_leftovers(root, kept)
+    assert swapped and kept == []
+
+
+def test_a_fresh_part_never_sits_beside_an_old_record(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resend that cannot reopen the kept .part (it was moved away and back: its ctime changed)
+    starts afresh; the old record goes first, so a crash then cannot let the next start take the
+    new bytes back under the old bytes' CRC."""
+    from engine.storage import sweep_leftovers
+
+    store, f = _kept_with_record(root, b"X" * 2 * 65536, b"R" * 1000)
+    part = with_suffix(target(root), ".part")
+    time.sleep(0.01)
+    part.rename(part.with_name("elsewhere"))
+    part.with_name("elsewhere").rename(part)
+    again = store.begin(dict(f))
+    assert again.resume_crc is None and again.written == 0
+    assert not with_suffix(target(root), ".resume").exists()
+    again.write(b"Y" * 2 * 65536)  # then the server crashes
+    kept: list[tuple[str, Any]] = []
+    sweep_leftovers(root, kept)
+    assert kept == [] and not part.exists()
