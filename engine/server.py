@@ -570,8 +570,12 @@ class _Session:
         crc, written = self.written_crc
         fut = self.loop.run_in_executor(self.server.writers, incoming.checkpoint, crc, written)
 
-        def done(_: Any) -> None:
+        def done(fut: asyncio.Future[bool]) -> None:
             self.next_checkpoint = self.loop.time() + config.checkpoint
+            failed = None if fut.cancelled() else fut.exception()
+            if failed is not None:  # an fsync failed: the transfer cannot be vouched for, end it now
+                why = failed.strerror if isinstance(failed, OSError) and failed.strerror else str(failed)
+                self._batch_failed(LocalProtocolError(f"server I/O error: {why}", RefuseCode.INTERNAL))
 
         fut.add_done_callback(done)
 
@@ -617,8 +621,10 @@ class _Session:
             while not fut.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait([fut])
-            if not fut.cancelled():
-                fut.exception()  # retrieved: the cancel is what we report
+            failed = None if fut.cancelled() else fut.exception()
+            if failed is not None and self.failure is None:  # a disk error: nothing may be kept
+                why = failed.strerror if isinstance(failed, OSError) and failed.strerror else str(failed)
+                self.failure = LocalProtocolError(f"server I/O error: {why}", RefuseCode.INTERNAL)
             raise
         finally:
             self.busy_here = False

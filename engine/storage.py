@@ -257,6 +257,8 @@ class Incoming:
     partial: Partial | None = field(default=None, repr=False)  # the kept part this transfer took over
     recorded: bool = field(default=False, repr=False)  # a checkpoint wrote its record (keptpart.py)
     committing: bool = field(default=False, repr=False)  # commit() began: never suspended after
+    sync_failed: bool = field(default=False, repr=False)  # an fsync of the .part failed: never ACKed nor kept
+    kept: bool = field(default=False, repr=False)  # suspended: its part waits for a resend
     tmp_ours: bool = field(default=False, repr=False)
     part_ours: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -290,8 +292,10 @@ class Incoming:
                     f"received {self.written} bytes, metadata says {self.filesize}", RefuseCode.BAD_CRC
                 )
             self.committing = True  # from here it is never kept for a resend: it ends linked or removed
-            if self.partial is not None or self.recorded:  # first: a record must never name a .data
-                keptpart.remove(self.dir_fd, self.part_path.name.removesuffix(".part"))
+            if self.sync_failed:
+                raise LocalProtocolError("an fsync of the received bytes failed earlier: they may not be on "
+                                         "the server's disk", RefuseCode.INTERNAL)
+            keptpart.remove(self.dir_fd, self.part_path.name.removesuffix(".part"))  # a record never names a .data
             os.fsync(self.fd)
             fd, self.fd = self.fd, -1
             os.close(fd)
@@ -359,21 +363,35 @@ class Incoming:
         a thread, while the loop goes on appending (bytes the record does not vouch for: a start
         cuts them off). Nothing once the transfer is done (committed, aborted, suspended)."""
         with self._lock:
-            if self.done or self.fd < 0 or self.dir_fd < 0 or not self.meta_ours or written <= 0:
+            if (self.done or self.committing or self.sync_failed or self.fd < 0 or self.dir_fd < 0
+                    or not self.meta_ours or written <= 0):
                 return False
             fd, dir_fd = os.dup(self.fd), os.dup(self.dir_fd)
+        stem = self.part_path.name.removesuffix(".part")
         try:
-            os.fdatasync(fd)
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                # Linux reports a lost writeback once per open file: this dup took it from the
+                # commit's fsync. The bytes may not be on disk: nothing of this transfer is vouched
+                # for or ACKed from now on (commit refuses, suspend aborts); the error goes up.
+                with self._lock:
+                    self.sync_failed = True
+                raise
             ino = os.fstat(fd).st_ino
-            with self._lock:  # not while a commit or an abort works on it: they remove the record
-                if self.done:
+            # The record is written outside the lock (its fsyncs must not hold up the loop, which
+            # takes the lock to abort or suspend); a commit or a failure meanwhile takes it back.
+            keptpart.write(dir_fd, stem, keptpart.Record(written, crc, keptpart.meta_digest(self.meta_bytes), ino))
+            with self._lock:
+                if self.committing or self.sync_failed or (self.done and not self.kept):
+                    keptpart.remove(dir_fd, stem)
                     return False
-                keptpart.write(dir_fd, self.part_path.name.removesuffix(".part"),
-                               keptpart.Record(written, crc, keptpart.meta_digest(self.meta_bytes), ino))
                 self.recorded = True
             return True
         except OSError as exc:
             log.warning("%s: no checkpoint: %s", self.part_path, exc.strerror or exc)
+            if self.sync_failed:
+                raise
             return False
         finally:
             os.close(fd)
@@ -393,7 +411,8 @@ class Incoming:
         partial = None
         with self._lock:
             whole = self.written % BLOCK_SIZE == 0 or self.written == self.filesize
-            if (not self.done and not self.linked and not self.committing and self.fd >= 0 and self.dir_fd >= 0
+            if (not self.done and not self.linked and not self.committing and not self.sync_failed
+                    and self.fd >= 0 and self.dir_fd >= 0
                     and self.meta_ours
                     and 0 < self.written == crc_len and whole and self.store.keep_partial > 0):
                 try:
@@ -401,7 +420,7 @@ class Incoming:
                 except OSError:
                     st = None
                 if st is not None and st.st_size == self.written:
-                    self.done = True
+                    self.done = self.kept = True
                     fd, self.fd = self.fd, -1
                     with contextlib.suppress(OSError):
                         os.close(fd)
@@ -433,7 +452,7 @@ class Incoming:
                 os.close(fd)
         names = [name for name, ours in ((self.part_path.name, self.part_ours), (self._tmp_name, self.tmp_ours),
                                          (self.meta_path.name, self.meta_ours and not self.linked)) if ours]
-        record = self.part_ours and (self.partial is not None or self.recorded)  # a record of it may be there
+        record = self.part_ours  # a checkpoint's, or the kept part's it took over
         self.part_ours = self.tmp_ours = False
         if self.dir_fd >= 0 and record:
             keptpart.remove(self.dir_fd, self.part_path.name.removesuffix(".part"))

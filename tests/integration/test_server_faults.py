@@ -250,9 +250,12 @@ def test_a_disk_error_while_writing_what_arrived_before_a_break_keeps_nothing(
 # A server stopping while transfers are under way (found by a review helper, 2026-11-26).
 
 
+@pytest.mark.parametrize("fails", [False, True])
 @pytest.mark.parametrize("workers", [0, 1])
-def test_a_stop_during_a_threaded_write_keeps_a_record_whose_crc_is_of_its_bytes(
-        root: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+def test_a_stop_during_a_threaded_write(root: Path, monkeypatch: pytest.MonkeyPatch, workers: int, fails: bool) -> None:
+    """The stop comes while a batch's write, in a thread (the disk was slow once), is waited out.
+    If the write completes, the record kept is of the bytes on disk, that batch included; if it
+    fails with nothing written, nothing is kept (the next batches would land at its offset)."""
     payload, fields = payload_fields(6 * 2**20)
     part_name = target(root, fields, ".part").name
     real_writev = os.writev
@@ -271,6 +274,8 @@ def test_a_stop_during_a_threaded_write_keeps_a_record_whose_crc_is_of_its_bytes
             elif calls[0] == 3:
                 in_third.set()
                 time.sleep(0.5)  # the stop arrives meanwhile
+                if fails:
+                    raise OSError(errno.EIO, "Input/output error")  # nothing of this batch written
         return real_writev(fd, buffers)
 
     srv = InProcessServer(root, idle_timeout=30.0, workers=workers)
@@ -282,6 +287,9 @@ def test_a_stop_during_a_threaded_write_keeps_a_record_whose_crc_is_of_its_bytes
     monkeypatch.undo()
     hs.client.close()
     part = target(root, fields, ".part")
+    if fails:
+        assert not target(root, fields, ".resume").exists() and not part.exists()  # a disk error keeps nothing
+        return
     dir_fd = os.open(part.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         rec = keptpart.read(dir_fd, part.name.removesuffix(".part"))
@@ -360,3 +368,90 @@ def test_a_stop_while_a_resend_is_in_begin_keeps_the_kept_part(root: Path, monke
     sock.close()
     assert part.exists() and part.stat().st_size >= 2**20, "the stop removed the kept part a resend had taken over"
     assert target(root, fields, ".resume").exists()
+
+
+def test_a_checkpoint_whose_fdatasync_fails_taints_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first checkpoint's fdatasync reports EIO (a lost writeback). On Linux the error is reported
+    once per open file description, and the checkpoint's fd is a dup of the transfer's: the commit's
+    own fsync would then return 0. So the failure must stick: no later record, no ACK, the transfer
+    refused INTERNAL at once, nothing kept."""
+    from engine.protocol import Blocks
+    from engine.protocol import Refused as RefusedEvent
+
+    payload, fields = payload_fields(6 * 2**20)
+    part_name = target(root, fields, ".part").name
+    real = os.fdatasync
+    failed, records = [0], []
+
+    def bad_fdatasync(fd: int) -> None:
+        try:
+            ours = os.readlink(f"/proc/self/fd/{fd}").endswith(part_name)
+        except OSError:
+            ours = False
+        if ours and not failed[0]:
+            failed[0] += 1
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    real_write = keptpart.write
+
+    def spy_write(dir_fd: int, stem: str, record: keptpart.Record) -> None:
+        records.append((failed[0], record.written))
+        real_write(dir_fd, stem, record)
+
+    monkeypatch.setattr(os, "fdatasync", bad_fdatasync)
+    monkeypatch.setattr(keptpart, "write", spy_write)
+    srv = InProcessServer(root, idle_timeout=30.0, checkpoint=0.05)
+    try:
+        hs = handshake(root, srv.port, dict(fields))
+        frames = sealed_frames(hs.cipher, payload)
+        step = 16 * (65536 + 16)
+        try:
+            for b, i in enumerate(range(0, len(frames), step)):
+                hs.client.send_event(Blocks(16 * b, 16, memoryview(frames[i:i + step])))
+                time.sleep(0.15)
+            hs.client.send_event(FileCRC(hs.cipher.seal_crc(crc64(payload))))
+        except OSError:
+            pass  # refused while sending: the refusal is read next
+        ev = hs.client.next_event()
+    finally:
+        srv.stop()
+    assert failed[0] == 1
+    assert isinstance(ev, RefusedEvent) and ev.code == RefuseCode.INTERNAL and "I/O error" in ev.reason, ev
+    assert [n for f, n in records if f] == [], records  # no record after the failure
+    assert not target(root, fields, ".resume").exists() and not target(root, fields, ".part").exists()
+
+
+def test_a_slow_checkpoint_record_does_not_stall_the_event_loop(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """keptpart.write (two fsyncs) must not run under Incoming._lock, which suspend()/abort() take on
+    the event loop: a disk slow on those fsyncs would stall every connection, not only this one."""
+    from engine.protocol import Blocks
+
+    payload, fields = payload_fields(4 * 2**20)
+    real_write = keptpart.write
+    in_write = threading.Event()
+
+    def slow_write(dir_fd: int, stem: str, record: keptpart.Record) -> None:
+        in_write.set()
+        time.sleep(2.0)  # a slow disk: the record's fsyncs
+        real_write(dir_fd, stem, record)
+
+    monkeypatch.setattr(keptpart, "write", slow_write)
+    srv = InProcessServer(root, idle_timeout=30.0, checkpoint=0.01)
+    try:
+        hs = handshake(root, srv.port, dict(fields))
+        frames = sealed_frames(hs.cipher, payload)
+        step = 16 * (65536 + 16)
+        hs.client.send_event(Blocks(0, 16, memoryview(frames[:step])))
+        hs.client.send_event(Blocks(16, 16, memoryview(frames[step:2 * step])))
+        assert in_write.wait(10)
+        hs.client.sock.close()  # the sender goes away: suspend() on the loop
+        time.sleep(0.2)
+        pinged = threading.Event()
+        t0 = time.monotonic()
+        srv.loop.call_soon_threadsafe(pinged.set)
+        assert pinged.wait(10)
+        lag = time.monotonic() - t0
+    finally:
+        srv.stop()
+    assert lag < 0.5, f"the event loop was blocked {lag:.2f} s by a checkpoint's record write"
