@@ -389,9 +389,11 @@ class Incoming:
                 self.recorded = True
             return True
         except OSError as exc:
-            log.warning("%s: no checkpoint: %s", self.part_path, exc.strerror or exc)
             if self.sync_failed:
+                log.warning("%s: no checkpoint: %s", self.part_path, exc.strerror or exc)
                 raise
+            if not (self.committing or self.done):  # else the commit or abort removed what it was writing
+                log.warning("%s: no checkpoint: %s", self.part_path, exc.strerror or exc)
             return False
         finally:
             os.close(fd)
