@@ -64,6 +64,14 @@ def inproc(root: Path) -> Iterator[InProcessServer]:
         srv.stop()
 
 
+def _names(fd: int, name: str) -> bool:
+    """Is ``fd`` open on a file called ``name`` (for fault injection into one transfer's .part)?"""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").endswith(name)
+    except OSError:
+        return False
+
+
 def test_a_slow_disk_is_not_blamed_on_the_client(root: Path, inproc: InProcessServer,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """begin() fsyncs the .meta and its folder; on a disk that takes 0.6 s per fsync that is longer
@@ -120,10 +128,7 @@ def test_a_stalled_disk_write_stalls_only_its_own_transfer(root: Path, inproc: I
     calls = [0]
 
     def stalling_writev(fd: int, buffers: Any) -> int:
-        try:
-            is_a = os.readlink(f"/proc/self/fd/{fd}").endswith(part_name)
-        except OSError:
-            is_a = False
+        is_a = _names(fd, part_name)
         if is_a:
             calls[0] += 1
             if calls[0] == 1:
@@ -263,10 +268,7 @@ def test_a_stop_during_a_threaded_write(root: Path, monkeypatch: pytest.MonkeyPa
     in_third = threading.Event()
 
     def slow_writev(fd: int, buffers: Any) -> int:
-        try:
-            ours = os.readlink(f"/proc/self/fd/{fd}").endswith(part_name)
-        except OSError:
-            ours = False
+        ours = _names(fd, part_name)
         if ours:
             calls[0] += 1
             if calls[0] == 1:
@@ -309,10 +311,7 @@ def test_a_stop_during_a_commit_whose_fsync_fails_keeps_nothing(root: Path, monk
     entered = threading.Event()
 
     def bad_fsync(fd: int) -> None:
-        try:
-            ours = os.readlink(f"/proc/self/fd/{fd}").endswith(part_name)
-        except OSError:
-            ours = False
+        ours = _names(fd, part_name)
         if ours and threading.current_thread() is not threading.main_thread() and not entered.is_set():
             entered.set()
             time.sleep(0.5)
@@ -384,10 +383,7 @@ def test_a_checkpoint_whose_fdatasync_fails_taints_nothing(root: Path, monkeypat
     failed, records = [0], []
 
     def bad_fdatasync(fd: int) -> None:
-        try:
-            ours = os.readlink(f"/proc/self/fd/{fd}").endswith(part_name)
-        except OSError:
-            ours = False
+        ours = _names(fd, part_name)
         if ours and not failed[0]:
             failed[0] += 1
             raise OSError(errno.EIO, "Input/output error")
