@@ -78,6 +78,14 @@ SLOW_WRITE = 0.1  # s: a batch write that took longer moves this transfer's writ
 DRAIN_WAIT = 1.0  # s the workers get to finish the batches in flight when a sender went away
 
 
+def as_failure(exc: BaseException) -> M2YError:
+    """What went wrong in the server's own work (its disk), as the failure a transfer is refused with."""
+    if isinstance(exc, M2YError):
+        return exc
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return LocalProtocolError(f"server I/O error: {why}", RefuseCode.INTERNAL)
+
+
 @dataclass
 class ServerConfig:
     root: Path
@@ -497,9 +505,8 @@ class _Session:
             await asyncio.wait([commit])
             failed = commit.exception()
             if failed is not None:  # not durable: nothing of it is kept, whatever stops us
-                self.failure = failed if isinstance(failed, M2YError) else LocalProtocolError(
-                    f"server I/O error: {failed}", RefuseCode.INTERNAL)
-            if commit.exception() is None:  # durable: release it, and tell the client if we still can
+                self.failure = as_failure(failed)
+            if failed is None:  # durable: release it, and tell the client if we still can
                 incoming.finish()
                 with contextlib.suppress(OSError):
                     self.sock.send(b"".join(conn.send(AckEvent(cipher.seal_ack(filesize, actual)))))
@@ -574,8 +581,7 @@ class _Session:
             self.next_checkpoint = self.loop.time() + config.checkpoint
             failed = None if fut.cancelled() else fut.exception()
             if failed is not None:  # an fsync failed: the transfer cannot be vouched for, end it now
-                why = failed.strerror if isinstance(failed, OSError) and failed.strerror else str(failed)
-                self._batch_failed(LocalProtocolError(f"server I/O error: {why}", RefuseCode.INTERNAL))
+                self._batch_failed(as_failure(failed))
 
         fut.add_done_callback(done)
 
@@ -594,10 +600,11 @@ class _Session:
                 else:
                     break
         except (M2YError, OSError) as exc:
-            reason = exc.reason if isinstance(exc, M2YError) else f"server I/O error: {exc.strerror or exc}"
-            log.warning("%s: writing what arrived before the break failed: %s; nothing is kept", self.label, reason)
+            failure = as_failure(exc)
+            log.warning("%s: writing what arrived before the break failed: %s; nothing is kept", self.label,
+                        failure.reason)
             if self.failure is None:
-                self.failure = exc if isinstance(exc, M2YError) else LocalProtocolError(reason, RefuseCode.INTERNAL)
+                self.failure = failure
 
     async def _write(self, incoming: Incoming, views: list[memoryview]) -> None:
         """Write a batch on the loop (a thread hand-off per batch costs ~15% on a fast disk), until
@@ -623,8 +630,7 @@ class _Session:
                     await asyncio.wait([fut])
             failed = None if fut.cancelled() else fut.exception()
             if failed is not None and self.failure is None:  # a disk error: nothing may be kept
-                why = failed.strerror if isinstance(failed, OSError) and failed.strerror else str(failed)
-                self.failure = LocalProtocolError(f"server I/O error: {why}", RefuseCode.INTERNAL)
+                self.failure = as_failure(failed)
             raise
         finally:
             self.busy_here = False
