@@ -309,12 +309,14 @@ def test_a_stop_during_a_commit_whose_fsync_fails_keeps_nothing(root: Path, monk
     part_name = target(root, fields, ".part").name
     real_fsync = os.fsync
     entered = threading.Event()
+    stopping_when_failed: list[bool] = []
 
     def bad_fsync(fd: int) -> None:
         ours = _names(fd, part_name)
         if ours and threading.current_thread() is not threading.main_thread() and not entered.is_set():
             entered.set()
             time.sleep(0.5)
+            stopping_when_failed.append(srv.server.stopping)  # the stop came during the commit, not after
             raise OSError(errno.EIO, "Input/output error")
         real_fsync(fd)
 
@@ -327,6 +329,7 @@ def test_a_stop_during_a_commit_whose_fsync_fails_keeps_nothing(root: Path, monk
     srv.stop()
     monkeypatch.undo()
     hs.client.close()
+    assert stopping_when_failed == [True]
     assert not target(root, fields, ".resume").exists() and not target(root, fields, ".part").exists()
     assert not target(root, fields).exists()
 

@@ -129,3 +129,42 @@ def test_a_timeout_while_a_worker_stalls_keeps_the_batches_in_order(root: Path) 
             with contextlib.suppress(psutil.Error):
                 worker.send_signal(signal.SIGCONT)
         srv.stop()
+
+
+def test_a_bad_batch_found_while_draining_keeps_nothing(root: Path) -> None:
+    """The client goes away while its last batches wait at a stalled worker, one of them tampered:
+    the drain writes the good ones in order, then finds the bad one, and then nothing may be kept
+    (a part is kept only for a sender whose bytes all held), although 4 MiB were written before."""
+    srv = start_server(root, "--workers", "1")
+    batch = 16 * (BLOCK_SIZE + TAG_LEN)
+    worker = None
+    try:
+        data, meta_path = make_file(root, 10 * 2**20)
+        fields = meta.read_meta_file(meta_path)
+        hs = handshake(root, srv.port, fields)
+        frames = bytearray(sealed_frames(hs.cipher, data.read_bytes()))
+        frames[6 * batch + 2 * (BLOCK_SIZE + TAG_LEN) + 5] ^= 0x01  # block 98, in the 7th batch
+        kids = [p for p in psutil.Process(srv.proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(kids) == 1
+        worker = kids[0]
+        hs.client.sendall(frames[: 4 * batch])
+        time.sleep(0.5)  # batches 0-3 verified (and written as their slots are needed)
+        worker.send_signal(signal.SIGSTOP)
+        hs.client.sendall(frames[4 * batch : 7 * batch])  # 4, 5 and the bad 6 wait on the stopped worker
+        hs.client.close()
+        time.sleep(0.2)  # the server sees the close first: the drain then waits for the worker (DRAIN_WAIT 1 s)
+        worker.send_signal(signal.SIGCONT)
+        assert wait_until(lambda: "REFUSED" in srv.log() or "for a resend" in srv.log(), timeout=15), srv.log()
+        assert "REFUSED BAD_BLOCK: block 98 failed authentication" in srv.log(), srv.log()
+        assert "for a resend" not in srv.log()
+        assert wait_until(lambda: not target(root, fields, ".part").exists())
+        assert not target(root, fields, ".resume").exists() and not target(root, fields, ".meta").exists()
+        again = run_send(root, srv.port, meta_path, extra=("--retries", "0"))
+        assert again.returncode == 0, again.stderr + srv.log()
+        assert "resumed" not in again.stdout
+        assert target(root, fields).read_bytes() == data.read_bytes()
+    finally:
+        if worker is not None:
+            with contextlib.suppress(psutil.Error):
+                worker.send_signal(signal.SIGCONT)
+        srv.stop()
