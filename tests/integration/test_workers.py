@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -17,7 +18,17 @@ from engine import meta
 from engine.blocks import BLOCK_SIZE, TAG_LEN
 from engine.errors import RefuseCode
 
-from .helpers import handshake, make_file, payload_fields, run_send, sealed_frames, start_server, target, wait_until
+from .helpers import (
+    ServerProcess,
+    handshake,
+    make_file,
+    payload_fields,
+    run_send,
+    sealed_frames,
+    start_server,
+    target,
+    wait_until,
+)
 
 
 @pytest.mark.parametrize("size", [0, 65537, 5_000_000])
@@ -91,6 +102,18 @@ def test_dead_worker_fails_the_transfer_and_the_server_goes_on(root: Path) -> No
         assert srv.stop() == 0
 
 
+@contextlib.contextmanager
+def _one_worker(srv: ServerProcess) -> Iterator[psutil.Process]:
+    """The server's only worker process, left running (SIGCONT) whatever the test did to it."""
+    kids = [p for p in psutil.Process(srv.proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(kids) == 1
+    try:
+        yield kids[0]
+    finally:
+        with contextlib.suppress(psutil.Error):
+            kids[0].send_signal(signal.SIGCONT)
+
+
 def test_a_timeout_while_a_worker_stalls_keeps_the_batches_in_order(root: Path) -> None:
     """The idle timeout fires while the server waits on a stalled worker (SIGSTOP): the batch it
     waits for must stay first in line, not be skipped, so what is kept is the file's first bytes
@@ -99,7 +122,6 @@ def test_a_timeout_while_a_worker_stalls_keeps_the_batches_in_order(root: Path) 
     written at its offset, and the resend failed BAD_CRC.)"""
     srv = start_server(root, "--workers", "1", "--idle-timeout", "2")
     batch = 16 * (BLOCK_SIZE + TAG_LEN)
-    worker = None
     try:
         size = 10 * 2**20
         data, meta_path = make_file(root, size)
@@ -107,27 +129,22 @@ def test_a_timeout_while_a_worker_stalls_keeps_the_batches_in_order(root: Path) 
         hs = handshake(root, srv.port, fields)
         frames = sealed_frames(hs.cipher, data.read_bytes())
         part = target(root, fields, ".part")
-        kids = [p for p in psutil.Process(srv.proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
-        assert len(kids) == 1
-        worker = kids[0]
-        hs.client.sendall(frames[: 4 * batch])
-        time.sleep(0.5)  # the worker verifies batches 0-3 (some are written only when their slot is needed)
-        worker.send_signal(signal.SIGSTOP)
-        hs.client.sendall(frames[4 * batch : 8 * batch])  # 0-3 are written, 4-7 wait on the stopped worker
-        assert wait_until(lambda: "for a resend" in srv.log() or "REFUSED" in srv.log(), timeout=15), srv.log()
-        kept = int(re.search(r"kept (\d+) B for a resend", srv.log()).group(1))  # type: ignore[union-attr]
-        assert kept == 4 * 2**20
-        assert part.read_bytes() == data.read_bytes()[:kept]  # in order: the file's first bytes
-        worker.send_signal(signal.SIGCONT)
-        hs.client.close()
-        again = run_send(root, srv.port, meta_path, extra=("--retries", "0"))
-        assert again.returncode == 0, again.stderr + srv.log()
-        assert f"resumed at {kept}" in again.stdout
-        assert target(root, fields).read_bytes() == data.read_bytes()
+        with _one_worker(srv) as worker:
+            hs.client.sendall(frames[: 4 * batch])
+            time.sleep(0.5)  # the worker verifies batches 0-3 (some are written only when their slot is needed)
+            worker.send_signal(signal.SIGSTOP)
+            hs.client.sendall(frames[4 * batch : 8 * batch])  # 0-3 are written, 4-7 wait on the stopped worker
+            assert wait_until(lambda: "for a resend" in srv.log() or "REFUSED" in srv.log(), timeout=15), srv.log()
+            kept = int(re.search(r"kept (\d+) B for a resend", srv.log()).group(1))  # type: ignore[union-attr]
+            assert kept == 4 * 2**20
+            assert part.read_bytes() == data.read_bytes()[:kept]  # in order: the file's first bytes
+            worker.send_signal(signal.SIGCONT)
+            hs.client.close()
+            again = run_send(root, srv.port, meta_path, extra=("--retries", "0"))
+            assert again.returncode == 0, again.stderr + srv.log()
+            assert f"resumed at {kept}" in again.stdout
+            assert target(root, fields).read_bytes() == data.read_bytes()
     finally:
-        if worker is not None:
-            with contextlib.suppress(psutil.Error):
-                worker.send_signal(signal.SIGCONT)
         srv.stop()
 
 
@@ -137,34 +154,28 @@ def test_a_bad_batch_found_while_draining_keeps_nothing(root: Path) -> None:
     (a part is kept only for a sender whose bytes all held), although 4 MiB were written before."""
     srv = start_server(root, "--workers", "1")
     batch = 16 * (BLOCK_SIZE + TAG_LEN)
-    worker = None
     try:
         data, meta_path = make_file(root, 10 * 2**20)
         fields = meta.read_meta_file(meta_path)
         hs = handshake(root, srv.port, fields)
         frames = bytearray(sealed_frames(hs.cipher, data.read_bytes()))
         frames[6 * batch + 2 * (BLOCK_SIZE + TAG_LEN) + 5] ^= 0x01  # block 98, in the 7th batch
-        kids = [p for p in psutil.Process(srv.proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
-        assert len(kids) == 1
-        worker = kids[0]
-        hs.client.sendall(frames[: 4 * batch])
-        time.sleep(0.5)  # batches 0-3 verified (and written as their slots are needed)
-        worker.send_signal(signal.SIGSTOP)
-        hs.client.sendall(frames[4 * batch : 7 * batch])  # 4, 5 and the bad 6 wait on the stopped worker
-        hs.client.close()
-        time.sleep(0.2)  # the server sees the close first: the drain then waits for the worker (DRAIN_WAIT 1 s)
-        worker.send_signal(signal.SIGCONT)
-        assert wait_until(lambda: "REFUSED" in srv.log() or "for a resend" in srv.log(), timeout=15), srv.log()
-        assert "REFUSED BAD_BLOCK: block 98 failed authentication" in srv.log(), srv.log()
-        assert "for a resend" not in srv.log()
-        assert wait_until(lambda: not target(root, fields, ".part").exists())
-        assert not target(root, fields, ".resume").exists() and not target(root, fields, ".meta").exists()
-        again = run_send(root, srv.port, meta_path, extra=("--retries", "0"))
-        assert again.returncode == 0, again.stderr + srv.log()
-        assert "resumed" not in again.stdout
-        assert target(root, fields).read_bytes() == data.read_bytes()
+        with _one_worker(srv) as worker:
+            hs.client.sendall(frames[: 4 * batch])
+            time.sleep(0.5)  # batches 0-3 verified (and written as their slots are needed)
+            worker.send_signal(signal.SIGSTOP)
+            hs.client.sendall(frames[4 * batch : 7 * batch])  # 4, 5 and the bad 6 wait on the stopped worker
+            hs.client.close()
+            time.sleep(0.2)  # the server sees the close first: the drain then waits for the worker (DRAIN_WAIT 1 s)
+            worker.send_signal(signal.SIGCONT)
+            assert wait_until(lambda: "REFUSED" in srv.log() or "for a resend" in srv.log(), timeout=15), srv.log()
+            assert "REFUSED BAD_BLOCK: block 98 failed authentication" in srv.log(), srv.log()
+            assert "for a resend" not in srv.log()
+            assert wait_until(lambda: not target(root, fields, ".part").exists())
+            assert not target(root, fields, ".resume").exists() and not target(root, fields, ".meta").exists()
+            again = run_send(root, srv.port, meta_path, extra=("--retries", "0"))
+            assert again.returncode == 0, again.stderr + srv.log()
+            assert "resumed" not in again.stdout
+            assert target(root, fields).read_bytes() == data.read_bytes()
     finally:
-        if worker is not None:
-            with contextlib.suppress(psutil.Error):
-                worker.send_signal(signal.SIGCONT)
         srv.stop()
