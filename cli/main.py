@@ -25,6 +25,7 @@ from engine.defaults import (
     DEFAULT_PORT,
     DEFAULT_RETRIES,
     DEFAULT_RETRY_WAIT,
+    DEFAULT_STOP_WAIT,
     DEFAULT_TIMEOUT,
     MAX_BATCH,
     MAX_RETRIES,
@@ -67,6 +68,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                         f"of the server keeps it for a resend (0: never; default {DEFAULT_CHECKPOINT:g})")
     p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS,
                    help="transfers at once; more are refused as busy")
+    p.add_argument("--stop-wait", type=float, default=DEFAULT_STOP_WAIT,
+                   help=f"seconds a stopping server waits for its disk (writes, fsyncs, records) before it "
+                        f"exits without them (status 1), for a hung disk (default {DEFAULT_STOP_WAIT:g})")
     _add_workers(p)
     _add_batch(p)
 
@@ -118,6 +122,12 @@ def _checkpoint(args: argparse.Namespace) -> float:
     if not 0 <= args.checkpoint <= 86400:  # also refuses nan
         raise ConfigError(f"--checkpoint {args.checkpoint:g} is out of range 0..86400 seconds")
     return float(args.checkpoint)
+
+
+def _stop_wait(args: argparse.Namespace) -> float:
+    if not 0 <= args.stop_wait <= 3600:  # also refuses nan
+        raise ConfigError(f"--stop-wait {args.stop_wait:g} is out of range 0..3600 seconds")
+    return float(args.stop_wait)
 
 
 def _workers(args: argparse.Namespace) -> int:
@@ -215,7 +225,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_file_size=args.max_file_size, idle_timeout=args.idle_timeout,
                           workers=_workers(args), max_clients=args.max_clients,
                           handshake_timeout=args.handshake_timeout, batch=_batch(args),
-                          keep_partial=args.keep_partial, checkpoint=_checkpoint(args))
+                          keep_partial=args.keep_partial, checkpoint=_checkpoint(args),
+                          stop_wait=_stop_wait(args))
 
     def listening(server: Server) -> None:
         names = ", ".join(sorted(n for n, _ in server.keys.users.values())) or "none yet"

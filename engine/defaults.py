@@ -18,6 +18,7 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds to deliver header and metadata, howe
 DEFAULT_KEEP_PARTIAL = 3600.0  # seconds the received part of a cut-short send waits for a resend
 DEFAULT_CHECKPOINT = 10.0  # seconds between records of a transfer under way (what a server crash keeps)
 DEFAULT_MAX_CLIENTS = 64
+DEFAULT_STOP_WAIT = 30.0  # seconds a stopping server waits for its disk (a hung one must not hold the stop)
 DEFAULT_TIMEOUT = 60.0  # seconds a client waits for the server
 DEFAULT_RETRIES = 3  # more tries of a file whose connection broke (each resumes) or whose server was busy
 MAX_RETRIES = 100

@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from .defaults import (
     DEFAULT_MAX_ENVELOPE,
     DEFAULT_MAX_FILE_SIZE,
     DEFAULT_PORT,
+    DEFAULT_STOP_WAIT,
 )
 from .errors import (
     AlreadyReceived,
@@ -100,6 +102,7 @@ class ServerConfig:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     keep_partial: float = DEFAULT_KEEP_PARTIAL
     checkpoint: float = DEFAULT_CHECKPOINT
+    stop_wait: float = DEFAULT_STOP_WAIT
 
 
 class KeyRing:
@@ -189,6 +192,8 @@ class Server:
         self._listener: socket.socket | None = None
         self.port = 0
         self.stopping = False  # set before the transfers are cancelled: they keep their parts
+        self.hung = 0  # transfers a stop left waiting on the disk
+        self.stop_deadline = math.inf  # the stop waits for the disk until then
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -220,13 +225,21 @@ class Server:
             accept.cancel()
             listener.close()
             self.stopping = True
+            self.stop_deadline = deadline = time.monotonic() + self.config.stop_wait
             for task in list(self._tasks):
                 task.cancel()
-            await asyncio.gather(accept, *self._tasks, return_exceptions=True)
+            # A transfer waits out a disk write or commit under way (its descriptor and slot must
+            # outlive it); a hung disk must not hold the stop: after stop_wait, go without it.
+            _, pending = await asyncio.wait([accept, *self._tasks], timeout=self.config.stop_wait)
+            self.hung = len(pending)
+            if pending:
+                log.error("%d transfer(s) still wait on the disk after %g s; stopping without them: their "
+                          "parts are kept as their last records say", len(pending), self.config.stop_wait)
             if self.pool is not None:
                 self.pool.close()
-            self.writers.shutdown(wait=True)
-            self.storage.close()  # kept .part files stay, with their records: the next start takes them back
+            self.writers.shutdown(wait=False)  # joined, within stop_wait, by serve()
+            # Kept .part files stay, with their records: the next start takes them back.
+            self.storage.close(max(deadline - time.monotonic(), 0.0))
 
     async def _expire_loop(self) -> None:
         """Kept .part files wait ``keep_partial`` seconds for a resend, then go."""
@@ -680,8 +693,11 @@ def serve(config: ServerConfig, on_listening: Any = None) -> None:
     for key, partial in kept or []:
         log.info("%s.part: %d B kept by the previous server, waiting for a resend", one_line(key), partial.written)
 
+    servers: list[Server] = []
+
     async def main() -> None:
         server = Server(config)
+        servers.append(server)
         server.storage.adopt(kept or [])
         server.listen()
         stop = asyncio.Event()
@@ -692,7 +708,31 @@ def serve(config: ServerConfig, on_listening: Any = None) -> None:
             on_listening(server)
         await server.serve_forever(stop)
 
+    # Not uvloop.run(): its close joins the default executor without a limit, and a hung disk
+    # would hold the stop there. Our own executor is left to _exit_if_hung instead.
+    loop = uvloop.new_event_loop()
+    disk = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="m2y-disk")
+    loop.set_default_executor(disk)
     try:
-        uvloop.run(main())
+        loop.run_until_complete(main())
     finally:
+        disk.shutdown(wait=False)
         os.close(lock_fd)
+    _exit_if_hung(servers[0].stop_deadline if servers else math.inf)
+    loop.close()
+
+
+def _exit_if_hung(deadline: float) -> None:
+    """Wait until ``deadline`` for the disk work still under way (writes, fsyncs, records in
+    threads); what is still running then is on a hung disk: exit without it (status 1), since the
+    interpreter would join those threads for ever. Nothing is lost that was vouched for: a part is
+    taken back at its last record's length, and a record is written only after its fsync."""
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    for t in others:
+        t.join(max(deadline - time.monotonic(), 0.0) if deadline < math.inf else None)
+    hung = [t.name for t in others if t.is_alive()]
+    if hung:
+        log.error("the disk has not answered %d operation(s) (%s) since the stop; exiting without them",
+                  len(hung), ", ".join(sorted(hung)))
+        logging.shutdown()
+        os._exit(1)

@@ -773,7 +773,7 @@ class Partial:
 
 
 MAX_PARTIALS = 64  # kept at once; the oldest goes first
-CLOSE_WAIT = 30.0  # s a stopping server waits for the records of its kept parts
+CLOSE_WAIT = 30.0  # s a stop (Storage.close) waits for the records of its kept parts, by default
 
 
 class Storage:
@@ -956,24 +956,25 @@ class Storage:
             for p in gone:
                 p.remove()
 
-    def close(self) -> None:
+    def close(self, wait: float = CLOSE_WAIT) -> None:
         """At server stop: kept files stay on disk, each with its record (written now if it was not
         yet), for the next start to take back; close their folders. Blocking: the records are
-        written side by side, for at most CLOSE_WAIT s (a hung disk must not hang the stop); those
-        not written by then are left to the next start, which removes their parts."""
+        written side by side, for at most ``wait`` s (a hung disk must not hang the stop); those
+        not written by then are left to the next start, which takes their parts back at the length
+        of an older record, or else removes them."""
         with self._table:
             keys = [k for k, p in self._partial.items() if not p.persisted]
         threads = [threading.Thread(target=self.persist, args=(key,), name="m2y-persist", daemon=True)
                    for key in keys]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + CLOSE_WAIT
+        deadline = time.monotonic() + wait
         for t in threads:
             t.join(max(deadline - time.monotonic(), 0.0))
         late = sum(t.is_alive() for t in threads)
         if late:
-            log.warning("%d kept part(s) not recorded within %g s (a slow disk?): the next start removes them",
-                        late, CLOSE_WAIT)
+            log.warning("%d kept part(s) not recorded within %.1f s (a slow disk?): the next start takes them "
+                        "back from an older record, if any, or removes them", late, wait)
         with self._table:
             kept, self._partial = [*self._partial.values(), *self._removing], {}
             self._removing = []

@@ -51,11 +51,12 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(root: Path, *extra: str, timeout: float = 20) -> ServerProcess:
+def start_server(root: Path, *extra: str, timeout: float = 20, command: list[str] = M2Y) -> ServerProcess:
+    """``command``: how to run the CLI (a wrapper that injects a fault, say); ``m2y`` by default."""
     stderr_path = root.parent / f"serve-{time.monotonic_ns()}.log"
     err = open(stderr_path, "w")  # noqa: SIM115 - the child keeps it
     proc = subprocess.Popen(
-        [*M2Y, "serve", "--root", str(root), "--host", "127.0.0.1", "--port", "0", *extra],
+        [*command, "serve", "--root", str(root), "--host", "127.0.0.1", "--port", "0", *extra],
         stdout=subprocess.PIPE, stderr=err, text=True,
     )
     err.close()

@@ -2,7 +2,8 @@
 
 The server is the real ``engine.server.Server`` on its own event loop in a thread, on 127.0.0.1 and a
 free port; the clients are real ``m2y send`` processes or the hand-speaking ``RawClient``. Only the
-fault (``os.fsync`` or ``os.writev``) is replaced, for the time of one test.
+fault (``os.fsync`` or ``os.writev``) is replaced, for the time of one test. A fault that must
+outlive a stop (a hung disk) is injected into a real ``m2y serve`` process through a wrapper.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,12 +24,13 @@ from typing import Any
 import pytest
 
 from engine import keptpart, meta
+from engine.blocks import BLOCK_SIZE, TAG_LEN
 from engine.crc import crc64
 from engine.errors import RefuseCode
 from engine.protocol import Ack, FileCRC
 from engine.server import Server, ServerConfig
 
-from .helpers import handshake, make_file, payload_fields, run_send, sealed_frames, target, wait_until
+from .helpers import handshake, make_file, payload_fields, run_send, sealed_frames, start_server, target, wait_until
 
 
 class InProcessServer:
@@ -213,8 +219,6 @@ def test_a_disk_error_while_writing_what_arrived_before_a_break_keeps_nothing(
     """The client goes away with two batches in the server's ring; writing the second fails (EIO,
     or a short write and then ENOSPC): the log says so, and the part is removed, not kept (with a
     torn batch it could not be resumed; protocol.md §5: a failure of the server's disk removes)."""
-    from engine.blocks import BLOCK_SIZE, TAG_LEN
-
     batch = 16 * (BLOCK_SIZE + TAG_LEN)
     srv = InProcessServer(root, idle_timeout=5.0)
     try:
@@ -454,3 +458,75 @@ def test_a_slow_checkpoint_record_does_not_stall_the_event_loop(root: Path, monk
     finally:
         srv.stop()
     assert lag < 0.5, f"the event loop was blocked {lag:.2f} s by a checkpoint's record write"
+
+
+# ``m2y`` whose fsyncs of .part files never return once the file named by argv[1] exists: a hung disk.
+_HUNG_DISK = """
+import os, sys, threading
+trigger, never = sys.argv.pop(1), threading.Event()
+
+def hang_on_parts(real):
+    def sync(fd):
+        try:
+            part = os.readlink(f"/proc/self/fd/{fd}").endswith(".part")
+        except OSError:
+            part = False
+        if part and os.path.exists(trigger):
+            never.wait()
+        return real(fd)
+    return sync
+
+os.fsync, os.fdatasync = hang_on_parts(os.fsync), hang_on_parts(os.fdatasync)
+from cli.main import main
+sys.exit(main())
+"""
+
+
+def test_a_stop_on_a_hung_disk_ends_within_stop_wait_and_the_part_comes_back(root: Path) -> None:
+    """The disk stops answering mid-file (fsyncs of the .part never return), then the server is
+    stopped: it exits within --stop-wait (status 1, said in its log) instead of waiting for ever on
+    the fsync of the part it keeps; the next server takes the part back at its last record (a
+    checkpoint made before the hang), and the resend goes on from there with identical bytes."""
+    trigger = root.parent / "disk-hangs"
+    command = [sys.executable, "-c", _HUNG_DISK, str(trigger)]
+    srv = start_server(root, "--checkpoint", "0.1", "--stop-wait", "2", command=command)
+    batch = 16 * (BLOCK_SIZE + TAG_LEN)
+    data, meta_path = make_file(root, 16 * 2**20)
+    fields = meta.read_meta_file(meta_path)
+    record, part = target(root, fields, ".resume"), target(root, fields, ".part")
+    try:
+        hs = handshake(root, srv.port, fields)
+        frames = sealed_frames(hs.cipher, data.read_bytes())
+        for i in range(6):  # a checkpoint is looked for as batches are written, every 0.1 s here
+            hs.client.sendall(frames[i * batch : (i + 1) * batch])
+            time.sleep(0.15)
+        assert wait_until(lambda: record.exists(), timeout=10), srv.log()
+        trigger.touch()  # from now on the disk hangs
+        hs.client.sendall(frames[6 * batch : 10 * batch])
+        time.sleep(0.3)
+        started = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        try:
+            code = srv.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the stop hung on the disk: " + srv.log()) from None
+        took = time.monotonic() - started
+        hs.client.close()
+        assert code == 1, srv.log()
+        assert took < 10, took  # --stop-wait 2, and the start-up of nothing else
+        assert "the disk has not answered" in srv.log(), srv.log()
+    finally:
+        srv.stop()
+    trigger.unlink()
+    again = start_server(root)
+    try:
+        m = re.search(r"(\d+) B kept by the previous server", again.log())
+        assert m, again.log()
+        kept = int(m.group(1))
+        assert 0 < kept < 10 * 2**20 and part.stat().st_size == kept
+        result = run_send(root, again.port, meta_path, extra=("--retries", "0"))
+        assert result.returncode == 0, result.stderr + again.log()
+        assert f"resumed at {kept}" in result.stdout, result.stdout
+        assert target(root, fields).read_bytes() == data.read_bytes()
+    finally:
+        again.stop()

@@ -229,6 +229,18 @@ def test_one_server_per_root(root: Path, server: ServerProcess) -> None:
         again.stop()
 
 
+
+@pytest.mark.parametrize(("option", "value", "line"), [
+    ("--stop-wait", "nan", "--stop-wait nan is out of range 0..3600 seconds"),
+    ("--stop-wait", "-1", "--stop-wait -1 is out of range 0..3600 seconds"),
+    ("--checkpoint", "86401", "--checkpoint 86401 is out of range 0..86400 seconds"),
+])
+def test_serve_refuses_an_out_of_range_option_in_one_line(root: Path, option: str, value: str, line: str) -> None:
+    served = subprocess.run([*M2Y, "serve", "--root", str(root), "--host", "127.0.0.1", "--port", "0", option, value],
+                            capture_output=True, text=True, timeout=30)
+    assert served.returncode == 2, served.stderr
+    assert served.stderr.strip().splitlines() == [f"m2y serve: {line}"]
+
 def test_progress_bar(root: Path, server: ServerProcess) -> None:
     """--progress draws one bar per file on stderr, ending at 100% of the file's size; without it (and
     stderr not a terminal, as here) stderr stays empty; a file the server already holds gets no bar."""

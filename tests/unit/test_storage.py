@@ -1260,10 +1260,8 @@ def test_a_fresh_part_never_sits_beside_an_old_record(root: Path, monkeypatch: p
 
 def test_a_stop_waits_for_records_only_so_long(root: Path, monkeypatch: pytest.MonkeyPatch,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    """Storage.close() writes the missing records side by side and gives up after CLOSE_WAIT s (a
+    """Storage.close(wait) writes the missing records side by side and gives up after ``wait`` s (a
     hung disk must not hang the stop); what it could not record is said in the log."""
-    import engine.storage as storage
-
     store = Storage(root, 10 * MiB)
     for n in range(3):
         incoming = store.begin(fields(size=2 * 65536, when=f"0{n}-01-2020_00-00-00"))
@@ -1271,11 +1269,10 @@ def test_a_stop_waits_for_records_only_so_long(root: Path, monkeypatch: pytest.M
         assert incoming.suspend(crc64(b"x" * 65536), 65536)
     release = threading.Event()
     real = os.fdatasync
-    monkeypatch.setattr(storage, "CLOSE_WAIT", 0.3)
     monkeypatch.setattr(os, "fdatasync", lambda fd: (release.wait(10), real(fd))[1])
     started = time.monotonic()
     with caplog.at_level("WARNING", logger="m2y.storage"):
-        store.close()
+        store.close(0.3)
     took = time.monotonic() - started
     release.set()
     assert took < 3, took  # three hung fsyncs, side by side, given up after 0.3 s
