@@ -358,10 +358,19 @@ def _lazy(factory: Callable[[Path, int], Progress] | None, meta_path: Path) -> P
     return report
 
 
-def _final_name(meta_path: Path, suffix: str) -> Path:
-    if meta_path.suffix in (".meta", ".failed"):  # a .failed sent again (to resume) ends as .done
-        return meta_path.with_suffix(suffix)
-    return meta_path.with_name(meta_path.name + suffix)
+SENDABLE = (".meta", ".failed")  # a .failed sent again (to resume) ends as .done
+
+
+def not_sendable(meta_path: Path) -> str | None:
+    """Why ``meta_path`` is not sent (None: it is). Only a .meta, or the .failed it became, is sent
+    and then renamed: any other file given by mistake (a data file, a glob's catch) is left as it is."""
+    if meta_path.suffix in SENDABLE:
+        return None
+    if meta_path.suffix == ".done":
+        return (f"{meta_path.name} was sent and ACKed already; to send its file again, "
+                "run 'm2y meta' on the file and send the new .meta")
+    return (f"{meta_path} is not a .meta file; send the .meta that 'm2y meta' wrote beside the file "
+            "(or the .failed it became), left untouched")
 
 
 RETRY_CODES = frozenset({RefuseCode.BUSY, RefuseCode.TIMEOUT})
@@ -418,7 +427,14 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
                 pool.close()
 
     async def _send_all(pool: WorkerPool | None, results: list[Result]) -> list[Result]:
+        seen: set[Path] = set()
         for meta_path in metas:
+            if (refused := not_sendable(meta_path)) is not None:
+                results.append(Result(meta_path, False, refused))
+                continue
+            if (same := meta_path.resolve()) in seen:  # given twice: it was sent (and renamed) once
+                continue
+            seen.add(same)
             already, resumed_at, attempt = False, 0, 0
             prepared: Prepared | None = None
             lost_at: float | None = None
@@ -455,7 +471,7 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
             seconds = time.monotonic() - started
             renamed = None
             if meta_path.is_file():
-                renamed = _final_name(meta_path, ".done" if ok else ".failed")
+                renamed = meta_path.with_suffix(".done" if ok else ".failed")
                 try:
                     os.replace(meta_path, renamed)
                 except OSError as exc:  # say so for this file and go on with the others
@@ -472,5 +488,5 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
     return results
 
 
-__all__ = ["DEFAULT_TIMEOUT", "ProtocolError", "Result", "Sent", "prepare", "retry_wait", "retryable", "send_files",
-           "send_one"]
+__all__ = ["DEFAULT_TIMEOUT", "ProtocolError", "Result", "Sent", "not_sendable", "prepare", "retry_wait", "retryable",
+           "send_files", "send_one"]

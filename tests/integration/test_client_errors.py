@@ -127,6 +127,30 @@ def test_missing_meta_file(root: Path, server: ServerProcess) -> None:
     assert "no such .meta file" in result.stderr
 
 
+
+def test_a_file_that_is_not_a_meta_is_refused_and_left_as_it_is(root: Path, server: ServerProcess) -> None:
+    """Only a .meta (or the .failed it became) is sent and renamed: a data file given by mistake
+    (``m2y send photo/*``) used to be renamed .failed. A .done is not sent again either."""
+    data, meta_path = make_file(root, 70_000)
+    before = data.read_bytes()
+    wrong = run_send(root, server.port, data)
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip().splitlines() == [
+        f"{data.name}: FAILED: {data} is not a .meta file; send the .meta that 'm2y meta' wrote beside the file "
+        "(or the .failed it became), left untouched"]
+    assert data.read_bytes() == before and not data.with_name(data.name + ".failed").exists()
+    assert sorted(p.name for p in data.parent.iterdir()) == sorted([data.name, meta_path.name])
+    sent = run_send(root, server.port, meta_path, meta_path, data.parent / ".." / data.parent.name / meta_path.name)
+    assert sent.returncode == 0, sent.stderr  # given three times: sent once, not failed twice as missing
+    assert len(sent.stdout.strip().splitlines()) == 1 and sent.stderr == ""
+    done = meta_path.with_suffix(".done")
+    again = run_send(root, server.port, done)
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines() == [
+        f"{done.name}: FAILED: {done.name} was sent and ACKed already; to send its file again, run 'm2y meta' on "
+        "the file and send the new .meta"]
+    assert done.exists() and not done.with_name(done.name + ".done").exists()
+
 Answer = Callable[[bytes, bytes], bytes]  # (filekey, salt) -> the fake server's last words
 
 
