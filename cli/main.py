@@ -39,6 +39,11 @@ from engine.users import check_user, default_root
 if TYPE_CHECKING:
     from engine.server import Server
 
+SECONDS = " seconds"
+DAY = 86400
+MAX_MAX_ENVELOPE = 16 * 2**20  # bytes: the envelope is read whole, once per connection
+MAX_MAX_CLIENTS = 10_000
+
 # Each command imports the engine parts it runs, inside its function: `m2y send` never loads
 # the server and its storage, `m2y serve` never loads the client (start-up time per transfer).
 
@@ -104,37 +109,30 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
                    help=f"64 KiB blocks per batch (1-{MAX_BATCH}; tuning, default {DEFAULT_BATCH})")
 
 
+def _ranged(args: argparse.Namespace, option: str, lo: float, hi: float, unit: str = "") -> Any:
+    """``--option``'s value, or a one-line ConfigError if it is outside lo..hi (nan is: every
+    comparison with it is false), before anything starts."""
+    value = getattr(args, option.replace("-", "_"))
+    if not lo <= value <= hi:
+        def show(x: float) -> str:
+            return str(x) if isinstance(x, int) else f"{x:g}"
+
+        raise ConfigError(f"--{option} {show(value)} is out of range {show(lo)}..{show(hi)}{unit}")
+    return value
+
+
 def _batch(args: argparse.Namespace) -> int:
-    if not 1 <= args.batch <= MAX_BATCH:
-        raise ConfigError(f"--batch {args.batch} is out of range 1..{MAX_BATCH}")
-    return int(args.batch)
+    return int(_ranged(args, "batch", 1, MAX_BATCH))
 
 
 def _retries(args: argparse.Namespace) -> tuple[int, float]:
-    if not 0 <= args.retries <= MAX_RETRIES:
-        raise ConfigError(f"--retries {args.retries} is out of range 0..{MAX_RETRIES}")
-    if not 0 <= args.retry_wait <= MAX_RETRY_WAIT:  # also refuses nan
-        raise ConfigError(f"--retry-wait {args.retry_wait:g} is out of range 0..{MAX_RETRY_WAIT:g} seconds")
-    return int(args.retries), float(args.retry_wait)
-
-
-def _checkpoint(args: argparse.Namespace) -> float:
-    if not 0 <= args.checkpoint <= 86400:  # also refuses nan
-        raise ConfigError(f"--checkpoint {args.checkpoint:g} is out of range 0..86400 seconds")
-    return float(args.checkpoint)
-
-
-def _stop_wait(args: argparse.Namespace) -> float:
-    if not 0 <= args.stop_wait <= 3600:  # also refuses nan
-        raise ConfigError(f"--stop-wait {args.stop_wait:g} is out of range 0..3600 seconds")
-    return float(args.stop_wait)
+    return int(_ranged(args, "retries", 0, MAX_RETRIES)), float(_ranged(args, "retry-wait", 0, MAX_RETRY_WAIT, SECONDS))
 
 
 def _workers(args: argparse.Namespace) -> int:
-    n = default_workers() if args.workers is None else args.workers
-    if not 0 <= n <= MAX_WORKERS:
-        raise ConfigError(f"--workers {n} is out of range 0..{MAX_WORKERS}")
-    return int(n)
+    if args.workers is None:
+        args.workers = default_workers()
+    return int(_ranged(args, "workers", 0, MAX_WORKERS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,12 +219,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     root = _root(args)
     if not root.is_dir():
         raise ConfigError(f"root {root} is not a folder; create users with 'm2y keygen USER --root {root}'")
-    config = ServerConfig(root=root, host=args.host, port=args.port, max_envelope=args.max_meta,
-                          max_file_size=args.max_file_size, idle_timeout=args.idle_timeout,
-                          workers=_workers(args), max_clients=args.max_clients,
-                          handshake_timeout=args.handshake_timeout, batch=_batch(args),
-                          keep_partial=args.keep_partial, checkpoint=_checkpoint(args),
-                          stop_wait=_stop_wait(args))
+    config = ServerConfig(
+        root=root, host=args.host, port=int(_ranged(args, "port", 0, 65535)),
+        max_envelope=int(_ranged(args, "max-meta", 1, MAX_MAX_ENVELOPE)),
+        max_file_size=int(_ranged(args, "max-file-size", 0, 2**64 - 1)),  # filesize is a u64 on the wire
+        idle_timeout=float(_ranged(args, "idle-timeout", 0.1, DAY, SECONDS)),
+        handshake_timeout=float(_ranged(args, "handshake-timeout", 0.1, DAY, SECONDS)),
+        keep_partial=float(_ranged(args, "keep-partial", 0, 30 * DAY, SECONDS)),
+        checkpoint=float(_ranged(args, "checkpoint", 0, DAY, SECONDS)),
+        stop_wait=float(_ranged(args, "stop-wait", 0, 3600, SECONDS)),
+        max_clients=int(_ranged(args, "max-clients", 1, MAX_MAX_CLIENTS)),
+        workers=_workers(args), batch=_batch(args),
+    )
 
     def listening(server: Server) -> None:
         names = ", ".join(sorted(n for n, _ in server.keys.users.values())) or "none yet"
@@ -295,7 +299,8 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(one_line(f"{meta_path.name}: {why}; {what}"), file=sys.stderr, flush=True)
 
     try:
-        results = send_files(args.metas, _root(args), args.host, args.port, args.timeout, _workers(args),
+        port, timeout = int(_ranged(args, "port", 1, 65535)), float(_ranged(args, "timeout", 0.1, DAY, SECONDS))
+        results = send_files(args.metas, _root(args), args.host, port, timeout, _workers(args),
                              _batch(args), progress=bars, retries=retries, first_wait=first_wait,
                              on_retry=retrying)
     finally:

@@ -108,9 +108,11 @@ class ServerConfig:
 class KeyRing:
     """Users this server serves (those with a private key under root) and the peers they know.
 
-    Keys are parsed once per (path, mtime) and the root is rescanned for new users at most
-    every RESCAN seconds, so a stream of bogus headers cannot make the server re-read keys.
-    A key file that does not load is skipped with a log line, not fatal.
+    Keys are parsed once per version of their file (inode, size, mtime, ctime, mode), and looked at
+    again (a stat) at each use, so a key replaced (``m2y keygen --force``), removed or made
+    readable by others is seen by the next transfer without a restart. The root is rescanned for
+    new users at most every RESCAN seconds, so a stream of bogus headers cannot make the server
+    re-read keys. A key file that does not load is skipped with a log line (once per version), not fatal.
     """
 
     RESCAN = 5.0
@@ -118,21 +120,26 @@ class KeyRing:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.users: dict[int, tuple[str, rsa.RSAPrivateKey]] = {}
-        self._cache: dict[Path, tuple[tuple[int, int, int], rsa.RSAPrivateKey | rsa.RSAPublicKey]] = {}
+        self._cache: dict[Path, tuple[tuple[int, ...], rsa.RSAPrivateKey | rsa.RSAPublicKey | None]] = {}
         self._scanned = -1e9
         self.scan()
 
     def _load(self, path: Path, private: bool) -> rsa.RSAPrivateKey | rsa.RSAPublicKey | None:
         try:
             st = path.stat()
-            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-            hit = self._cache.get(path)
-            if hit is not None and hit[0] == stamp:
-                return hit[1]
+        except OSError:
+            self._cache.pop(path, None)
+            return None
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+        hit = self._cache.get(path)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        key: rsa.RSAPrivateKey | rsa.RSAPublicKey | None
+        try:
             key = load_private(path) if private else load_public(path)
         except Exception as exc:  # one bad key file must not take the server down: skip it, say why
             log.warning("skipping key %s: %s", path, getattr(exc, "reason", exc))
-            return None
+            key = None
         self._cache[path] = (stamp, key)
         return key
 
@@ -152,14 +159,18 @@ class KeyRing:
         self.users = users
 
     def recipient(self, to_hash: int) -> tuple[str, rsa.RSAPrivateKey]:
-        if to_hash not in self.users and time.monotonic() - self._scanned >= self.RESCAN:
+        known = self.users.get(to_hash)
+        if known is not None:  # its key file as it is now: replaced, removed or unreadable since?
+            key = self._load(self.root / known[0] / "privateKey" / f"{known[0]}.data", True)
+            if isinstance(key, rsa.RSAPrivateKey):
+                self.users[to_hash] = (known[0], key)
+                return known[0], key
+            del self.users[to_hash]
+        elif time.monotonic() - self._scanned >= self.RESCAN:
             self.scan()  # a user may have been added since start
-        try:
-            return self.users[to_hash]
-        except KeyError:
-            raise RemoteProtocolError(
-                f"no user with hash {to_hash:016x} on this server", RefuseCode.UNKNOWN_RECIPIENT
-            ) from None
+            if to_hash in self.users:
+                return self.users[to_hash]
+        raise RemoteProtocolError(f"no user with hash {to_hash:016x} on this server", RefuseCode.UNKNOWN_RECIPIENT)
 
     def sender(self, recipient: str, from_hash: int) -> tuple[str, rsa.RSAPublicKey]:
         """The public key ``recipient`` holds for the user whose hash is ``from_hash``."""

@@ -270,12 +270,14 @@ def test_a_server_that_comes_back_is_reached(root: Path) -> None:
     assert target(root, fields).read_bytes() == data.read_bytes()
 
 
-def test_retry_arguments_out_of_range_are_refused_before_anything_is_sent(root: Path) -> None:
+def test_send_arguments_out_of_range_are_refused_before_anything_is_sent(root: Path) -> None:
     _, meta_path = make_file(root, 10)
     for extra, line in ((("--retries", "-1"), "--retries -1 is out of range 0..100"),
                         (("--retries", "101"), "--retries 101 is out of range 0..100"),
                         (("--retry-wait", "nan"), "--retry-wait nan is out of range 0..30 seconds"),
-                        (("--retry-wait", "-0.5"), "--retry-wait -0.5 is out of range 0..30 seconds")):
+                        (("--retry-wait", "-0.5"), "--retry-wait -0.5 is out of range 0..30 seconds"),
+                        (("--timeout", "-1"), "--timeout -1 is out of range 0.1..86400 seconds"),
+                        (("--port", "99999"), "--port 99999 is out of range 1..65535")):
         result = _send(root, 9, meta_path, *extra)  # port 9: nothing is ever sent there
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"m2y send: {line}"], result.stderr
         assert meta_path.exists()  # untouched: not renamed .failed

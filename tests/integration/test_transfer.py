@@ -234,12 +234,42 @@ def test_one_server_per_root(root: Path, server: ServerProcess) -> None:
     ("--stop-wait", "nan", "--stop-wait nan is out of range 0..3600 seconds"),
     ("--stop-wait", "-1", "--stop-wait -1 is out of range 0..3600 seconds"),
     ("--checkpoint", "86401", "--checkpoint 86401 is out of range 0..86400 seconds"),
+    ("--port", "99999", "--port 99999 is out of range 0..65535"),  # was a traceback (OverflowError)
+    ("--max-clients", "0", "--max-clients 0 is out of range 1..10000"),  # was a traceback (ValueError)
+    ("--idle-timeout", "-5", "--idle-timeout -5 is out of range 0.1..86400 seconds"),
+    ("--keep-partial", "nan", "--keep-partial nan is out of range 0..2592000 seconds"),
+    ("--max-file-size", "-1", "--max-file-size -1 is out of range 0..18446744073709551615"),
 ])
 def test_serve_refuses_an_out_of_range_option_in_one_line(root: Path, option: str, value: str, line: str) -> None:
     served = subprocess.run([*M2Y, "serve", "--root", str(root), "--host", "127.0.0.1", "--port", "0", option, value],
                             capture_output=True, text=True, timeout=30)
     assert served.returncode == 2, served.stderr
     assert served.stderr.strip().splitlines() == [f"m2y serve: {line}"]
+
+
+def test_a_replaced_recipient_key_is_used_without_a_restart(root: Path, server: ServerProcess) -> None:
+    """``m2y keygen --force`` gives the recipient a new key pair while the server runs: the next send,
+    sealed to the new public key, goes through (the server used to keep the old private key until
+    it was restarted, and refused such sends as envelopes it cannot decrypt). A private key made
+    readable by others is no longer used, as at start."""
+    from engine.keys import keygen, share_public
+    from engine.users import private_key_path
+
+    from ..conftest import TEST_BITS
+
+    _, first = make_file(root, 1000, name="a.jpg")
+    assert run_send(root, server.port, first).returncode == 0
+    keygen(root, "roland-frei", TEST_BITS, force=True)
+    share_public(root, "roland-frei", "zhenqiang")
+    data, second = make_file(root, 70_000, name="b.jpg")
+    result = run_send(root, server.port, second)
+    assert result.returncode == 0, result.stderr + server.log()
+    assert target(root, meta.read_meta_file(second.with_suffix(".done"))).read_bytes() == data.read_bytes()
+    private_key_path(root, "roland-frei").chmod(0o644)
+    _, third = make_file(root, 10, name="c.jpg")
+    refused = run_send(root, server.port, third)
+    assert refused.returncode == 1 and "no user with hash" in refused.stderr, refused.stderr
+    assert "skipping key" in server.log() and "roland-frei.data" in server.log()
 
 def test_progress_bar(root: Path, server: ServerProcess) -> None:
     """--progress draws one bar per file on stderr, ending at 100% of the file's size; without it (and
