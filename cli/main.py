@@ -338,6 +338,10 @@ def _run(args: argparse.Namespace) -> int:
         print(one_line(f"m2y {args.command}: {exc.reason}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        after = ("; a file not ACKed keeps its .meta (or .failed): send it again to go on where it stopped"
+                 if args.command == "send" else "")
+        with contextlib.suppress(OSError):  # a closed stderr: the exit status says it all the same
+            print(f"m2y {args.command}: interrupted{after}", file=sys.stderr)
         return 130
 
 

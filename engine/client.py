@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import fcntl
 import os
 import socket
@@ -113,7 +114,8 @@ def prepare(meta_path: Path, root: Path) -> Prepared:
         raise ConfigError(f"{data_path} is not a regular file")
     if size != fields["filesize"]:
         raise ConfigError(
-            f"{data_path.name} changed since its .meta was written: size {size}, .meta says {fields['filesize']}"
+            f"{data_path.name} changed since its .meta was written: size {size}, .meta says {fields['filesize']}; "
+            f"run 'm2y meta' on it again"
         )
     return Prepared(meta_path, fields, data_path, private_key, recipient_key)
 
@@ -332,7 +334,8 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
                 while todo:
                     n = os.readv(fd, todo)
                     if not n:
-                        raise ConfigError(f"{path.name} changed since its .meta was written: it got shorter")
+                        raise ConfigError(f"{path.name} changed since its .meta was written: it got shorter; "
+                                          "run 'm2y meta' on it again")
                     todo = advance(todo, n)
                 ring.submit(slot, ENCRYPT, index, want)
                 queued.append((index, count))
@@ -371,6 +374,33 @@ def not_sendable(meta_path: Path) -> str | None:
                 "run 'm2y meta' on the file and send the new .meta")
     return (f"{meta_path} is not a .meta file; send the .meta that 'm2y meta' wrote beside the file "
             "(or the .failed it became), left untouched")
+
+
+def settle(meta_path: Path, suffix: str) -> Path:
+    """Rename a sent ``X.meta`` (or ``X.failed``) to ``X<suffix>``, never over another file: an older
+    ``X.failed`` is the handle that resumes its own transfer, an older ``X.done`` the receipt of
+    another send. A name taken gets a number: ``X.1.failed``, ``X.2.failed``... (sent again, it
+    ends ``X.1.done``). A .failed that fails again stays as it is."""
+    target = meta_path.with_suffix(suffix)
+    for n in range(1, 1000):
+        if target == meta_path:
+            return meta_path
+        try:
+            os.link(meta_path, target, follow_symlinks=False)  # fails, never replaces, if target exists
+        except FileExistsError:
+            target = meta_path.with_name(f"{meta_path.stem}.{n}{suffix}")
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if target.exists() or target.is_symlink():  # no hard links here: check, then rename
+                target = meta_path.with_name(f"{meta_path.stem}.{n}{suffix}")
+                continue
+            os.rename(meta_path, target)
+            return target
+        os.unlink(meta_path)
+        return target
+    raise FileExistsError(errno.EEXIST, f"{meta_path.stem}{suffix} and 999 numbered names are taken")
 
 
 RETRY_CODES = frozenset({RefuseCode.BUSY, RefuseCode.TIMEOUT})
@@ -471,14 +501,13 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
             seconds = time.monotonic() - started
             renamed = None
             if meta_path.is_file():
-                renamed = meta_path.with_suffix(".done" if ok else ".failed")
+                suffix = ".done" if ok else ".failed"
                 try:
-                    os.replace(meta_path, renamed)
+                    renamed = settle(meta_path, suffix)
                 except OSError as exc:  # say so for this file and go on with the others
                     did = "the server ACKed it" if ok else message
                     why = exc.strerror or exc
-                    ok, message = False, f"{did}, but {meta_path.name} cannot become {renamed.name}: {why}"
-                    renamed = None
+                    ok, message = False, f"{did}, but {meta_path.name} cannot become {meta_path.stem}{suffix}: {why}"
             results.append(Result(meta_path, ok, message, renamed, nbytes, seconds, already, resumed_at, attempt))
         return results
 
@@ -489,4 +518,4 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
 
 
 __all__ = ["DEFAULT_TIMEOUT", "ProtocolError", "Result", "Sent", "not_sendable", "prepare", "retry_wait", "retryable",
-           "send_files", "send_one"]
+           "send_files", "send_one", "settle"]

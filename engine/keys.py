@@ -71,7 +71,8 @@ def load_private(path: Path) -> rsa.RSAPrivateKey:
         data = path.read_bytes()
         mode = path.stat().st_mode & 0o777
     except FileNotFoundError:
-        raise ConfigError(f"private key {path} not found; create it with 'm2y keygen'") from None
+        raise ConfigError(f"private key {path} not found; pass the --root that has it, "
+                          "or create it with 'm2y keygen'") from None
     except OSError as exc:
         raise ConfigError(f"cannot read private key {path}: {exc.strerror}") from None
     if b"PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:

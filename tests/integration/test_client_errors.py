@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -18,7 +19,7 @@ from engine.keys import load_private, load_public
 from engine.protocol import NEED_DATA, SERVER_PREFIX, Connection, Event, Kind, Role, refusal_bytes
 from engine.users import private_key_path, public_key_path
 
-from .helpers import ServerProcess, make_file, run_send, target
+from .helpers import M2Y, ServerProcess, make_file, run_send, target
 
 
 def _one_line_failure(result: object, meta_path: Path, *words: str) -> str:
@@ -50,7 +51,7 @@ def test_missing_private_key(root: Path, server: ServerProcess) -> None:
     _, meta_path = make_file(root, 10)
     (root / "zhenqiang" / "privateKey" / "zhenqiang.data").unlink()
     result = run_send(root, server.port, meta_path)
-    _one_line_failure(result, meta_path, "private key", "not found", "m2y keygen")
+    _one_line_failure(result, meta_path, "private key", "not found", "pass the --root that has it", "m2y keygen")
 
 
 def test_missing_recipient_public_key(root: Path, server: ServerProcess) -> None:
@@ -91,7 +92,8 @@ def test_file_size_changed(root: Path, server: ServerProcess) -> None:
     data, meta_path = make_file(root, 1000)
     data.write_bytes(os.urandom(1001))
     result = run_send(root, server.port, meta_path)
-    _one_line_failure(result, meta_path, "changed since its .meta was written", "size 1001")
+    _one_line_failure(result, meta_path, "changed since its .meta was written", "size 1001",
+                      "run 'm2y meta' on it again")
 
 
 def test_file_content_changed(root: Path, server: ServerProcess) -> None:
@@ -150,6 +152,31 @@ def test_a_file_that_is_not_a_meta_is_refused_and_left_as_it_is(root: Path, serv
         f"{done.name}: FAILED: {done.name} was sent and ACKed already; to send its file again, run 'm2y meta' on "
         "the file and send the new .meta"]
     assert done.exists() and not done.with_name(done.name + ".done").exists()
+
+
+def test_an_interrupted_send_says_how_to_go_on(root: Path) -> None:
+    """Ctrl-C (SIGINT) while `m2y send` waits: exit 130 and one line saying what to do (it used to
+    end silently); the .meta stays as it was, to be sent again."""
+    _, meta_path = make_file(root, 1000)
+    with socket.socket() as listener:  # a server that accepts and never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        proc = subprocess.Popen([*M2Y, "send", str(meta_path), "--root", str(root), "--port",
+                                 str(listener.getsockname()[1])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            conn, _ = listener.accept()  # the client is connected and waits for the reply
+            with conn:
+                time.sleep(0.3)
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=20)
+        finally:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["m2y send: interrupted; a file not ACKed keeps its .meta (or .failed): send it "
+                                        "again to go on where it stopped"], err
+    assert meta_path.exists() and not meta_path.with_suffix(".failed").exists()
 
 Answer = Callable[[bytes, bytes], bytes]  # (filekey, salt) -> the fake server's last words
 
@@ -269,14 +296,16 @@ def test_a_meta_that_cannot_be_renamed_is_reported_and_the_rest_still_sent(root:
                                                                            ) -> None:
     data_a, meta_a = make_file(root, 1000, name="a.bin")
     data_b, meta_b = make_file(root, 2000, name="b.bin")
-    blocker = meta_a.with_suffix(".done")
-    blocker.mkdir()
-    (blocker / "keep").write_text("a folder where a.done would go")
+    for n in range(1000):  # a.done and every numbered name it could take instead (a.1.done ...)
+        blocker = meta_a.with_suffix(".done") if n == 0 else meta_a.with_name(f"a.{n}.done")
+        blocker.mkdir()
+    (meta_a.with_suffix(".done") / "keep").write_text("a folder where a.done would go")
     result = run_send(root, server.port, meta_a, meta_b)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "a.meta" in lines[0] and "ACKed" in lines[0] and "cannot become a.done" in lines[0]
-    assert meta_a.exists()  # left as it was, beside the blocker
+    assert "a.done and 999 numbered names are taken" in lines[0]
+    assert meta_a.exists()  # left as it was, beside the blockers
     assert meta_b.with_suffix(".done").exists() and "b.meta: ACK" in result.stdout
     for data, m in ((data_a, meta_a), (data_b, meta_b.with_suffix(".done"))):
         assert target(root, meta.read_meta_file(m)).read_bytes() == data.read_bytes()
