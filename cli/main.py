@@ -227,7 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         handshake_timeout=float(_ranged(args, "handshake-timeout", 0.1, DAY, SECONDS)),
         keep_partial=float(_ranged(args, "keep-partial", 0, 30 * DAY, SECONDS)),
         checkpoint=float(_ranged(args, "checkpoint", 0, DAY, SECONDS)),
-        stop_wait=float(_ranged(args, "stop-wait", 0, 3600, SECONDS)),
+        stop_wait=float(_ranged(args, "stop-wait", 1, 3600, SECONDS)),  # 0 would not leave time for the records
         max_clients=int(_ranged(args, "max-clients", 1, MAX_MAX_CLIENTS)),
         workers=_workers(args), batch=_batch(args),
     )

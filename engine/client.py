@@ -372,8 +372,8 @@ def not_sendable(meta_path: Path) -> str | None:
     if meta_path.suffix == ".done":
         return (f"{meta_path.name} was sent and ACKed already; to send its file again, "
                 "run 'm2y meta' on the file and send the new .meta")
-    return (f"{meta_path} is not a .meta file; send the .meta that 'm2y meta' wrote beside the file "
-            "(or the .failed it became), left untouched")
+    return (f"{meta_path} is not a .meta file: not sent, left as it is (only a .meta that 'm2y meta' wrote, "
+            f"or the .failed it became, is sent: {meta_path.with_suffix('.meta').name}?)")
 
 
 def settle(meta_path: Path, suffix: str) -> Path:
@@ -462,7 +462,9 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
             if (refused := not_sendable(meta_path)) is not None:
                 results.append(Result(meta_path, False, refused))
                 continue
-            if (same := meta_path.resolve()) in seen:  # given twice: it was sent (and renamed) once
+            # Given twice (the same name in the same folder): it was sent, and renamed, once. Not the
+            # resolved file: a symlink's name is renamed, not its target's, so each name counts.
+            if (same := meta_path.parent.resolve() / meta_path.name) in seen:
                 continue
             seen.add(same)
             already, resumed_at, attempt = False, 0, 0

@@ -161,10 +161,14 @@ class KeyRing:
     def recipient(self, to_hash: int) -> tuple[str, rsa.RSAPrivateKey]:
         known = self.users.get(to_hash)
         if known is not None:  # its key file as it is now: replaced, removed or unreadable since?
-            key = self._load(self.root / known[0] / "privateKey" / f"{known[0]}.data", True)
+            path = self.root / known[0] / "privateKey" / f"{known[0]}.data"
+            key = self._load(path, True)
             if isinstance(key, rsa.RSAPrivateKey):
                 self.users[to_hash] = (known[0], key)
                 return known[0], key
+            if path.exists():  # there, but refused (mode, size, format): the log said why, once
+                raise RemoteProtocolError(f"the private key of {known[0]} on this server cannot be used; "
+                                          "the server's log says why", RefuseCode.UNKNOWN_RECIPIENT)
             del self.users[to_hash]
         elif time.monotonic() - self._scanned >= self.RESCAN:
             self.scan()  # a user may have been added since start
@@ -203,7 +207,6 @@ class Server:
         self._listener: socket.socket | None = None
         self.port = 0
         self.stopping = False  # set before the transfers are cancelled: they keep their parts
-        self.hung = 0  # transfers a stop left waiting on the disk
         self.stop_deadline = math.inf  # the stop waits for the disk until then
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -241,11 +244,13 @@ class Server:
                 task.cancel()
             # A transfer waits out a disk write or commit under way (its descriptor and slot must
             # outlive it); a hung disk must not hold the stop: after stop_wait, go without it.
-            _, pending = await asyncio.wait([accept, *self._tasks], timeout=self.config.stop_wait)
-            self.hung = len(pending)
-            if pending:
-                log.error("%d transfer(s) still wait on the disk after %g s; stopping without them: their "
-                          "parts are kept as their last records say", len(pending), self.config.stop_wait)
+            await asyncio.gather(accept, return_exceptions=True)
+            if self._tasks:
+                _, pending = await asyncio.wait(list(self._tasks), timeout=max(deadline - time.monotonic(), 0.0))
+                if pending:
+                    log.error("%d transfer(s) still wait on the disk after %g s; stopping without them (the next "
+                              "start takes each part back as far as its last record, if it has one)",
+                              len(pending), self.config.stop_wait)
             if self.pool is not None:
                 self.pool.close()
             self.writers.shutdown(wait=False)  # joined, within stop_wait, by serve()
@@ -728,9 +733,17 @@ def serve(config: ServerConfig, on_listening: Any = None) -> None:
         loop.run_until_complete(main())
     finally:
         disk.shutdown(wait=False)
-        os.close(lock_fd)
-    _exit_if_hung(servers[0].stop_deadline if servers else math.inf)
+        stopped = servers[0].stop_deadline if servers else math.inf
+        # The root's lock is held until the disk work is done or given up: a next server must
+        # not take the root while this one's writes, records or removals may still land.
+        try:
+            _exit_if_hung(stopped if stopped < math.inf else time.monotonic() + config.stop_wait)
+        finally:
+            os.close(lock_fd)
     loop.close()
+
+
+HUNG_GRACE = 0.5  # s more for threads that only have to notice their pool's shutdown
 
 
 def _exit_if_hung(deadline: float) -> None:
@@ -739,8 +752,10 @@ def _exit_if_hung(deadline: float) -> None:
     interpreter would join those threads for ever. Nothing is lost that was vouched for: a part is
     taken back at its last record's length, and a record is written only after its fsync."""
     others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
-    for t in others:
-        t.join(max(deadline - time.monotonic(), 0.0) if deadline < math.inf else None)
+    for grace in (0.0, HUNG_GRACE):  # idle pool threads end as soon as they look: never blame them
+        deadline = max(deadline, time.monotonic() + grace)
+        for t in others:
+            t.join(max(deadline - time.monotonic(), 0.0))
     hung = [t.name for t in others if t.is_alive()]
     if hung:
         log.error("the disk has not answered %d operation(s) (%s) since the stop; exiting without them",

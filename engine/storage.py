@@ -295,8 +295,9 @@ class Incoming:
             if self.sync_failed:
                 raise LocalProtocolError("an fsync of the received bytes failed earlier: they may not be on "
                                          "the server's disk", RefuseCode.INTERNAL)
+            os.fsync(self.fd)  # the slow part of a big file: the last record stays true (and kept) meanwhile,
+            # so that a stop that gives up on it (--stop-wait) leaves the part to be taken back from there
             keptpart.remove(self.dir_fd, self.part_path.name.removesuffix(".part"))  # a record never names a .data
-            os.fsync(self.fd)
             fd, self.fd = self.fd, -1
             os.close(fd)
             try:

@@ -138,8 +138,8 @@ def test_a_file_that_is_not_a_meta_is_refused_and_left_as_it_is(root: Path, serv
     wrong = run_send(root, server.port, data)
     assert wrong.returncode == 1
     assert wrong.stderr.strip().splitlines() == [
-        f"{data.name}: FAILED: {data} is not a .meta file; send the .meta that 'm2y meta' wrote beside the file "
-        "(or the .failed it became), left untouched"]
+        f"{data.name}: FAILED: {data} is not a .meta file: not sent, left as it is (only a .meta that 'm2y meta' "
+        f"wrote, or the .failed it became, is sent: {meta_path.name}?)"]
     assert data.read_bytes() == before and not data.with_name(data.name + ".failed").exists()
     assert sorted(p.name for p in data.parent.iterdir()) == sorted([data.name, meta_path.name])
     sent = run_send(root, server.port, meta_path, meta_path, data.parent / ".." / data.parent.name / meta_path.name)
@@ -152,6 +152,20 @@ def test_a_file_that_is_not_a_meta_is_refused_and_left_as_it_is(root: Path, serv
         f"{done.name}: FAILED: {done.name} was sent and ACKed already; to send its file again, run 'm2y meta' on "
         "the file and send the new .meta"]
     assert done.exists() and not done.with_name(done.name + ".done").exists()
+
+
+def test_two_names_of_one_meta_are_both_answered(root: Path, server: ServerProcess) -> None:
+    """A symlink and its target are two names: each is answered and renamed (the second finds the
+    file on the server already), none is dropped silently as a duplicate."""
+    data, meta_path = make_file(root, 5000)
+    alias = meta_path.with_name("alias.meta")
+    alias.symlink_to(meta_path.name)
+    result = run_send(root, server.port, alias, meta_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("alias.meta: ACK") and "already holds" in lines[1], lines
+    assert meta_path.with_suffix(".done").exists() and alias.with_suffix(".done").is_symlink()
+    assert target(root, meta.read_meta_file(meta_path.with_suffix(".done"))).read_bytes() == data.read_bytes()
 
 
 def test_an_interrupted_send_says_how_to_go_on(root: Path) -> None:
