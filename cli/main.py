@@ -28,9 +28,11 @@ from engine.defaults import (
     DEFAULT_STOP_WAIT,
     DEFAULT_TIMEOUT,
     MAX_BATCH,
+    MAX_BITS,
     MAX_RETRIES,
     MAX_RETRY_WAIT,
     MAX_WORKERS,
+    MIN_BITS,
     default_workers,
 )
 from engine.errors import ConfigError, M2YError, one_line
@@ -60,19 +62,23 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     _add_root(p)
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
-    p.add_argument("--max-file-size", type=int, default=DEFAULT_MAX_FILE_SIZE, help="largest file accepted, bytes")
-    p.add_argument("--max-meta", type=int, default=DEFAULT_MAX_ENVELOPE, help="largest metadata envelope, bytes")
+    p.add_argument("--max-file-size", type=int, default=DEFAULT_MAX_FILE_SIZE,
+                   help=f"largest file accepted, bytes (default {DEFAULT_MAX_FILE_SIZE})")
+    p.add_argument("--max-meta", type=int, default=DEFAULT_MAX_ENVELOPE,
+                   help=f"largest metadata envelope, bytes (default {DEFAULT_MAX_ENVELOPE})")
     p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
-                   help="seconds a client may stay silent mid-transfer")
+                   help=f"seconds a client may stay silent mid-transfer (default {DEFAULT_IDLE_TIMEOUT:g})")
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT,
-                   help="seconds a client has to send its header and metadata, however it trickles them")
+                   help=f"seconds a client has to send its header and metadata, however it trickles them "
+                        f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})")
     p.add_argument("--keep-partial", type=float, default=DEFAULT_KEEP_PARTIAL,
-                   help="seconds the received part of an interrupted send waits for a resend (0: never kept)")
+                   help=f"seconds the received part of an interrupted send waits for a resend (0: never kept; "
+                        f"default {DEFAULT_KEEP_PARTIAL:g})")
     p.add_argument("--checkpoint", type=float, default=DEFAULT_CHECKPOINT,
                    help=f"seconds between records of what a transfer under way has written, so that a crash "
                         f"of the server keeps it for a resend (0: never; default {DEFAULT_CHECKPOINT:g})")
     p.add_argument("--max-clients", type=int, default=DEFAULT_MAX_CLIENTS,
-                   help="transfers at once; more are refused as busy")
+                   help=f"transfers at once; more are refused as busy (default {DEFAULT_MAX_CLIENTS})")
     p.add_argument("--stop-wait", type=float, default=DEFAULT_STOP_WAIT,
                    help=f"seconds a stopping server waits for its disk (writes, fsyncs, records) before it "
                         f"exits without them (status 1), for a hung disk (default {DEFAULT_STOP_WAIT:g})")
@@ -85,7 +91,8 @@ def _add_send(p: argparse.ArgumentParser) -> None:
     _add_root(p)
     p.add_argument("--host", default=DEFAULT_HOST, help=f"server address (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default {DEFAULT_PORT})")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the server")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds to wait for the server to answer or take data (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a progress bar per file on stderr (default: when stderr is a terminal)")
     p.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
@@ -139,16 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m2y", description="Secure, fast file transfer.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("keygen", help="create a user's RSA key pair")
-    p.add_argument("user")
+    p = sub.add_parser("keygen", help="create a user's RSA key pair",
+                       description="Writes ROOT/USER/privateKey/USER.data (0600) and ROOT/USER/pubKey/USER.data. "
+                                   "To exchange keys, copy each user's pubKey/USER.data into the peer's pubKey/.")
+    p.add_argument("user", metavar="USER", help="user name (letters, digits, '.', '_', '-')")
     _add_root(p)
-    p.add_argument("--bits", type=int, default=DEFAULT_BITS, help=f"RSA key size (default {DEFAULT_BITS})")
+    p.add_argument("--bits", type=int, default=DEFAULT_BITS,
+                   help=f"RSA key size, {MIN_BITS} to {MAX_BITS} (default {DEFAULT_BITS})")
     p.add_argument("--force", action="store_true", help="replace an existing private key")
 
     p = sub.add_parser("meta", help="write each FILE's .meta beside it")
-    p.add_argument("files", nargs="+", metavar="FILE", type=Path)
-    p.add_argument("--from", dest="sender", required=True)
-    p.add_argument("--to", dest="recipient", required=True)
+    p.add_argument("files", nargs="+", metavar="FILE", type=Path, help="files to describe (one .meta each)")
+    p.add_argument("--from", dest="sender", required=True, help="the sending user (whose keys are under --root)")
+    p.add_argument("--to", dest="recipient", required=True,
+                   help="the receiving user (the sender's pubKey/ must hold their key to send)")
     p.add_argument("--folder", required=True, help="relative folder on the recipient's side")
     _add_root(p)
 
@@ -324,7 +335,9 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(one_line(f"{r.meta_path.name}: ACK, {r.nbytes} bytes in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"))
         else:
             tries = f" after {r.retries} {'retry' if r.retries == 1 else 'retries'}" if r.retries else ""
-            print(one_line(f"{r.meta_path.name}: FAILED{tries}: {r.message}{where}"), file=sys.stderr)
+            later = (f"; send {r.renamed_to.name} again later: it goes on where it stopped"
+                     if r.resumable and r.renamed_to else "")
+            print(one_line(f"{r.meta_path.name}: FAILED{tries}: {r.message}{where}{later}"), file=sys.stderr)
     return 0 if results and all(r.ok for r in results) else 1
 
 

@@ -97,6 +97,7 @@ class Result:
     already: bool = False  # the server held the file before this send (an earlier ACK was lost)
     resumed_at: int = 0  # bytes the server had kept from an interrupted send: this one sent the rest
     retries: int = 0  # tries after the first
+    resumable: bool = False  # failed for the connection or a busy server: sending the .failed later goes on
 
 
 def prepare(meta_path: Path, root: Path) -> Prepared:
@@ -261,7 +262,12 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
             pass  # the server may have refused at once; its reason is what we read next
         event = await ch.next()
         if not isinstance(event, Reply):
-            raise _refused(event)
+            hint = ""
+            if isinstance(event, RefusedEvent) and event.code == RefuseCode.UNKNOWN_SENDER:
+                # The server names only a hash; we know the names, and what the user has to do.
+                hint = (f" ({fields['to']} on the server has no public key of {fields['from']}: copy "
+                        f"{fields['from']}/pubKey/{fields['from']}.data into the server's {fields['to']}/pubKey/)")
+            raise _refused(event, hint)
         plain = envelope.open_(p.private_key, event.envelope, envelope.aad(envelope.REPLY, from_hash, to_hash))
         filekey, salt, received, first = meta.check_reply(sent, plain)
         if received == meta.SAME_FILE:  # the server's own word (the reply echoes our nonce): durable there
@@ -467,7 +473,7 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
             if (same := meta_path.parent.resolve() / meta_path.name) in seen:
                 continue
             seen.add(same)
-            already, resumed_at, attempt = False, 0, 0
+            already, resumed_at, attempt, resumable = False, 0, 0, False
             prepared: Prepared | None = None
             lost_at: float | None = None
             while True:
@@ -497,6 +503,7 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
                         await asyncio.sleep(wait)
                         continue
                     ok, message, nbytes = False, exc.reason, 0
+                    resumable = retryable(exc, attempt)  # not a server that was never there
                 except OSError as exc:
                     ok, message, nbytes = False, f"I/O error: {exc.strerror or exc}", 0
                 break
@@ -510,7 +517,8 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
                     did = "the server ACKed it" if ok else message
                     why = exc.strerror or exc
                     ok, message = False, f"{did}, but {meta_path.name} cannot become {meta_path.stem}{suffix}: {why}"
-            results.append(Result(meta_path, ok, message, renamed, nbytes, seconds, already, resumed_at, attempt))
+            results.append(Result(meta_path, ok, message, renamed, nbytes, seconds, already, resumed_at, attempt,
+                                  resumable and renamed is not None))
         return results
 
     import uvloop

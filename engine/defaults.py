@@ -27,6 +27,8 @@ MAX_RETRY_WAIT = 30.0  # seconds, the longest pause between two tries
 DEFAULT_BATCH = 16  # 64 KiB blocks per batch
 MAX_BATCH = 64
 DEFAULT_BITS = 3072  # RSA key size
+MIN_BITS = 2048
+MAX_BITS = 16384  # OpenSSL's RSA-OAEP refuses larger moduli
 MAX_WORKERS = 64
 
 

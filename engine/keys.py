@@ -18,12 +18,9 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .defaults import DEFAULT_BITS
+from .defaults import DEFAULT_BITS, MAX_BITS, MIN_BITS
 from .errors import ConfigError
 from .users import check_user, private_key_path, public_key_path
-
-MIN_BITS = 2048
-MAX_BITS = 16384  # OpenSSL's RSA-OAEP refuses larger moduli
 
 
 def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:

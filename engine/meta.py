@@ -307,9 +307,11 @@ def _check_same_file(path: Path, filename: str) -> None:
         named = old.get("filename") if isinstance(old, dict) else None
     except (OSError, ValueError):
         named = None
+    if isinstance(named, str) and named != filename:  # a.txt and a.bin both map to a.meta
+        raise ConfigError(f"{path} already exists and is the .meta of {named!r}: the two files share a .meta name; "
+                          f"rename one of them ({filename!r} or {named!r}) and run 'm2y meta' on it")
     if named != filename:
-        what = f"the .meta of {named!r}" if isinstance(named, str) else "not a .meta this command wrote"
-        raise ConfigError(f"{path} already exists and is {what}; move it away first")
+        raise ConfigError(f"{path} already exists and is not a .meta this command wrote; move it away first")
 
 
 def add_reply_fields(fields: Mapping[str, Any], received: int = NEW,

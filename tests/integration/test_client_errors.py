@@ -44,7 +44,16 @@ def _free_port() -> int:
 def test_connection_refused(root: Path) -> None:
     _, meta_path = make_file(root, 10)
     result = run_send(root, _free_port(), meta_path)
-    _one_line_failure(result, meta_path, "connection refused", "m2y serve")
+    line = _one_line_failure(result, meta_path, "connection refused", "m2y serve")
+    assert "again later" not in line  # no server at the first try: a typo as likely as a stopped server
+
+
+def test_a_sender_the_recipient_does_not_know_is_told_which_key_to_copy(root: Path, server: ServerProcess) -> None:
+    _, meta_path = make_file(root, 10)
+    (root / "roland-frei" / "pubKey" / "zhenqiang.data").unlink()
+    result = run_send(root, server.port, meta_path)
+    _one_line_failure(result, meta_path, "no public key", "roland-frei on the server has no public key of zhenqiang: "
+                      "copy zhenqiang/pubKey/zhenqiang.data into the server's roland-frei/pubKey/")
 
 
 def test_missing_private_key(root: Path, server: ServerProcess) -> None:

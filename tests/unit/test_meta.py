@@ -551,7 +551,8 @@ def test_write_meta_file_never_takes_over_another_files_meta(tmp_path: Path) -> 
     out = meta.meta_path_for(tmp_path / "a.txt")
     assert out == meta.meta_path_for(tmp_path / "a.bin") == tmp_path / "a.meta"
     meta.write_meta_file(out, first)
-    with pytest.raises(ConfigError, match=r"already exists and is the \.meta of 'a\.txt'"):
+    with pytest.raises(ConfigError, match=r"already exists and is the \.meta of 'a\.txt': the two files share a "
+                       r"\.meta name; rename one of them \('a\.bin' or 'a\.txt'\)"):
         meta.write_meta_file(out, second)
     assert meta.read_meta_file(out) == first
     again = dict(first, filesize=5)
