@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keygen", help="create a user's RSA key pair",
                        description="Writes ROOT/USER/privateKey/USER.data (0600) and ROOT/USER/pubKey/USER.data. "
                                    "To exchange keys, copy each user's pubKey/USER.data into the peer's pubKey/.")
-    p.add_argument("user", metavar="USER", help="user name (letters, digits, '.', '_', '-')")
+    p.add_argument("user", metavar="USER", help="user name: 1-64 of A-Z a-z 0-9 . _ -, not starting with '.'")
     _add_root(p)
     p.add_argument("--bits", type=int, default=DEFAULT_BITS,
                    help=f"RSA key size, {MIN_BITS} to {MAX_BITS} (default {DEFAULT_BITS})")
