@@ -75,6 +75,7 @@ perf: install
 	$(BIN)/python perf/primitives.py
 	$(BIN)/python perf/transfer.py --size $(SIZE)
 	$(BIN)/python perf/datapath.py --size $(SIZE)
+	$(BIN)/python perf/receiver_parts.py --size $(SIZE) --json perf/results/receiver-parts.json
 	$(BIN)/python perf/startup.py
 	$(BIN)/python perf/scaling.py
 
