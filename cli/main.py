@@ -36,7 +36,7 @@ from engine.defaults import (
     default_workers,
 )
 from engine.errors import ConfigError, M2YError, one_line
-from engine.users import check_user, default_root
+from engine.users import check_user, default_root, public_key_path
 
 if TYPE_CHECKING:
     from engine.server import Server
@@ -186,6 +186,10 @@ def cmd_meta(args: argparse.Namespace) -> int:
     # datetimes), the recipient and the folder.
     meta.check_home(home)
     meta.make(args.sender, args.recipient, args.folder, "-", 0, 0)
+    key = public_key_path(_root(args), args.sender, args.recipient)
+    if not key.is_file():  # the .meta is still written: the key may come before the send
+        print(one_line(f"m2y meta: note: {key} is not there yet; 'm2y send' needs it (copy {args.recipient}'s "
+                       f"pubKey/{args.recipient}.data there)"), file=sys.stderr)
     files = list({os.path.abspath(p): p for p in args.files}.values())  # each file once
     failed = False
     for path in files:

@@ -184,9 +184,11 @@ def test_an_interrupted_send_says_how_to_go_on(root: Path) -> None:
     with socket.socket() as listener:  # a server that accepts and never answers
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
+        # As a terminal's Ctrl-C finds it: a shell that starts jobs in the background (CI's may) hands
+        # them SIGINT ignored, and Python then never raises KeyboardInterrupt.
         proc = subprocess.Popen([*M2Y, "send", str(meta_path), "--root", str(root), "--port",
                                  str(listener.getsockname()[1])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             conn, _ = listener.accept()  # the client is connected and waits for the reply
             with conn:

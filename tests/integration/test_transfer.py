@@ -71,7 +71,7 @@ def test_meta_command_then_send(root: Path, server: ServerProcess) -> None:
     data.write_bytes(os.urandom(200_000))
     made = subprocess.run([*M2Y, "meta", str(data), "--from", "zhenqiang", "--to", "roland-frei",
                            "--folder", "photo/2018", "--root", str(root)], capture_output=True, text=True, timeout=30)
-    assert made.returncode == 0, made.stderr
+    assert made.returncode == 0 and made.stderr == "", made.stderr
     meta_path = src / "myfoto.meta"
     fields = meta.read_meta_file(meta_path)
     assert fields["filename"] == "myfoto.jpg" and fields["filesize"] == 200_000
@@ -81,6 +81,18 @@ def test_meta_command_then_send(root: Path, server: ServerProcess) -> None:
     assert target(root, fields).read_bytes() == data.read_bytes()
     stored = target(root, fields, ".meta")
     assert meta.parse(meta.to_json(__import__("json").loads(stored.read_text()))) == fields
+
+
+def test_meta_for_a_recipient_whose_key_the_sender_lacks_notes_it(root: Path) -> None:
+    """The .meta is written (the key may be copied before the send), with one line saying what the
+    send will need: the error would otherwise come only at send time."""
+    data, _ = make_file(root, 10)
+    made = subprocess.run([*M2Y, "meta", str(data), "--from", "zhenqiang", "--to", "mallory", "--folder", "x",
+                           "--root", str(root)], capture_output=True, text=True, timeout=30)
+    assert made.returncode == 0 and data.with_suffix(".meta").exists()
+    key = root / "zhenqiang" / "pubKey" / "mallory.data"
+    assert made.stderr.strip().splitlines() == [
+        f"m2y meta: note: {key} is not there yet; 'm2y send' needs it (copy mallory's pubKey/mallory.data there)"]
 
 
 def test_metas_made_within_a_second_get_distinct_names(root: Path, server: ServerProcess) -> None:
