@@ -339,7 +339,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(one_line(f"{r.meta_path.name}: ACK, {r.nbytes} bytes in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"))
         else:
             tries = f" after {r.retries} {'retry' if r.retries == 1 else 'retries'}" if r.retries else ""
-            later = (f"; send {r.renamed_to.name} again later: it goes on where it stopped"
+            later = (f"; send {r.renamed_to.name} again later (it goes on from what the server kept, if anything)"
                      if r.resumable and r.renamed_to else "")
             print(one_line(f"{r.meta_path.name}: FAILED{tries}: {r.message}{where}{later}"), file=sys.stderr)
     return 0 if results and all(r.ok for r in results) else 1

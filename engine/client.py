@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import fcntl
 import os
@@ -75,6 +76,7 @@ class Prepared:
     data_path: Path
     private_key: rsa.RSAPrivateKey
     recipient_key: rsa.RSAPublicKey
+    own_public_key: Path  # what the recipient needs in its pubKey/ to know us (said if it does not)
 
 
 @dataclass
@@ -118,7 +120,7 @@ def prepare(meta_path: Path, root: Path) -> Prepared:
             f"{data_path.name} changed since its .meta was written: size {size}, .meta says {fields['filesize']}; "
             f"run 'm2y meta' on it again"
         )
-    return Prepared(meta_path, fields, data_path, private_key, recipient_key)
+    return Prepared(meta_path, fields, data_path, private_key, recipient_key, public_key_path(root, sender, sender))
 
 
 class _Channel:
@@ -262,12 +264,13 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
             pass  # the server may have refused at once; its reason is what we read next
         event = await ch.next()
         if not isinstance(event, Reply):
-            hint = ""
             if isinstance(event, RefusedEvent) and event.code == RefuseCode.UNKNOWN_SENDER:
                 # The server names only a hash; we know the names, and what the user has to do.
-                hint = (f" ({fields['to']} on the server has no public key of {fields['from']}: copy "
-                        f"{fields['from']}/pubKey/{fields['from']}.data into the server's {fields['to']}/pubKey/)")
-            raise _refused(event, hint)
+                sender, to = fields["from"], fields["to"]
+                raise Refused(f"server refused: {to} there has no usable public key of {sender}; copy your "
+                              f"{p.own_public_key} into {to}/pubKey/ "
+                              "on the server", event.code)
+            raise _refused(event)
         plain = envelope.open_(p.private_key, event.envelope, envelope.aad(envelope.REPLY, from_hash, to_hash))
         filekey, salt, received, first = meta.check_reply(sent, plain)
         if received == meta.SAME_FILE:  # the server's own word (the reply echoes our nonce): durable there
@@ -382,13 +385,16 @@ def not_sendable(meta_path: Path) -> str | None:
             f"or the .failed it became, is sent: {meta_path.with_suffix('.meta').name}?)")
 
 
+MAX_NUMBERED = 10_000  # X.1.done ... X.9999.done: receipts of a file sent again and again pile up
+
+
 def settle(meta_path: Path, suffix: str) -> Path:
     """Rename a sent ``X.meta`` (or ``X.failed``) to ``X<suffix>``, never over another file: an older
     ``X.failed`` is the handle that resumes its own transfer, an older ``X.done`` the receipt of
     another send. A name taken gets a number: ``X.1.failed``, ``X.2.failed``... (sent again, it
     ends ``X.1.done``). A .failed that fails again stays as it is."""
     target = meta_path.with_suffix(suffix)
-    for n in range(1, 1000):
+    for n in range(1, MAX_NUMBERED):
         if target == meta_path:
             return meta_path
         try:
@@ -396,17 +402,23 @@ def settle(meta_path: Path, suffix: str) -> Path:
         except FileExistsError:
             target = meta_path.with_name(f"{meta_path.stem}.{n}{suffix}")
             continue
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            if target.exists() or target.is_symlink():  # no hard links here: check, then rename
+        except OSError:  # no hard links here (FAT, some FUSE or network file systems): check, then rename
+            if target.exists() or target.is_symlink():
                 target = meta_path.with_name(f"{meta_path.stem}.{n}{suffix}")
                 continue
             os.rename(meta_path, target)
             return target
-        os.unlink(meta_path)
+        try:
+            os.unlink(meta_path)
+        except FileNotFoundError:  # another m2y send of the same .meta renamed it meanwhile: ours stands
+            pass
+        except OSError:
+            with contextlib.suppress(OSError):  # not two names for one file: undo the link, say why
+                os.unlink(target)
+            raise
         return target
-    raise FileExistsError(errno.EEXIST, f"{meta_path.stem}{suffix} and 999 numbered names are taken")
+    raise FileExistsError(errno.EEXIST, f"{meta_path.stem}{suffix} and {MAX_NUMBERED - 1} numbered names "
+                                        f"are taken; remove old ones")
 
 
 RETRY_CODES = frozenset({RefuseCode.BUSY, RefuseCode.TIMEOUT})

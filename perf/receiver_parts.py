@@ -8,14 +8,18 @@ engine has them, and reports CPU seconds per GiB (user+system of this process):
   in place; the cost is the same);
 * crc: fastcrc CRC-64/XZ of each 64 KiB block, continued from the previous value (as the engine);
 * writev-new: ``os.writev`` of each batch's plaintext views to a new file on tmpfs (what the
-  server does: the kernel allocates and zeroes every 4 KiB page);
+  server does: the kernel allocates and zeroes every 4 KiB page); the file is unlinked, and the
+  ``close`` that frees its pages is timed apart (close-free: paid when the file is removed, which
+  a server's received file is not);
 * writev-allocated: the same into a file whose pages a ``posix_fallocate`` made first (the
   fallocate's own cost is reported as fallocate);
 * mmap-decrypt: decrypt straight into an mmap of the new file (16 MiB windows), CRC of the mapped
   plaintext, no ``writev``: the copy saved, page faults and unmapping paid instead;
 * memcpy: one copy of each batch, for scale.
 
-Rounds alternate; medians are printed. The sum of decrypt + crc + writev-new, plus the ``recv``
+Each round runs every part once, in this order; medians over the rounds are printed. The decrypt
+and CRC parts reuse one batch (in cache, as the engine's are right after the recv). The sum of
+decrypt + crc + writev-new, plus the ``recv``
 copy that perf/datapath.py measures on a real socket, is the least a receiving server spends;
 the raw copy's receiver spends only the recv and writev-new.
 
@@ -25,7 +29,6 @@ Usage: perf/receiver_parts.py [--size 1GiB] [--rounds 3] [--dir /dev/shm] [--jso
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import secrets
@@ -35,6 +38,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from transfer import machine_info, parse_size, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -46,14 +51,6 @@ from engine.defaults import DEFAULT_BATCH
 GIB = 1 << 30
 FRAME = BLOCK_SIZE + TAG_LEN
 WINDOW = 16 << 20
-
-
-def parse_size(text: str) -> int:
-    units = {"GiB": 1 << 30, "MiB": 1 << 20, "KiB": 1 << 10, "": 1}
-    for unit, factor in units.items():
-        if unit and text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
 
 
 class Parts:
@@ -91,13 +88,16 @@ class Parts:
         os.unlink(path)  # freed at close
         return fd
 
-    def writev_new(self) -> None:
+    def writev_new(self) -> dict[str, float]:
         fd = self._new_file()
         try:
+            started = time.process_time()
             for _ in range(self.batches):
                 os.writev(fd, self.views)
+            written = time.process_time()
         finally:
-            os.close(fd)
+            os.close(fd)  # frees the pages: timed apart
+        return {"writev-new": written - started, "close-free": time.process_time() - written}
 
     def writev_allocated(self) -> dict[str, float]:
         fd = self._new_file()
@@ -111,9 +111,10 @@ class Parts:
         finally:
             os.close(fd)
 
-    def mmap_decrypt(self) -> None:
+    def mmap_decrypt(self) -> dict[str, float]:
         fd = self._new_file()
         try:
+            started = time.process_time()
             os.ftruncate(fd, self.size)
             crc, step = 0, BLOCK_SIZE * DEFAULT_BATCH
             for start in range(0, self.size, WINDOW):
@@ -127,6 +128,7 @@ class Parts:
                             crc = crc64_fast(out, crc)
                             out.release()
                     window.release()
+            return {"mmap-decrypt+crc": time.process_time() - started}  # the close, freeing, not counted
         finally:
             os.close(fd)
 
@@ -149,13 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="/dev/shm", help="where the files are written (default /dev/shm: tmpfs)")
     ap.add_argument("--json", type=Path, help="write the per-round figures here")
     args = ap.parse_args(argv)
+    if args.size < BLOCK_SIZE * DEFAULT_BATCH or args.rounds < 1:
+        ap.error(f"need --rounds >= 1 and --size at least one batch ({BLOCK_SIZE * DEFAULT_BATCH} bytes)")
+    info = machine_info()
     parts = Parts(args.size, args.dir)
     per_gib = GIB / parts.size
     rounds: list[dict[str, float]] = []
     for r in range(args.rounds):
-        figures = {"decrypt": timed(parts.decrypt), "crc": timed(parts.crc), "writev-new": timed(parts.writev_new)}
+        figures = {"decrypt": timed(parts.decrypt), "crc": timed(parts.crc)}
+        figures.update(parts.writev_new())
         figures.update(parts.writev_allocated())
-        figures["mmap-decrypt+crc"] = timed(parts.mmap_decrypt)
+        figures.update(parts.mmap_decrypt())
         figures["memcpy"] = timed(parts.memcpy)
         rounds.append({k: v * per_gib for k, v in figures.items()})
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in rounds[-1].items()), flush=True)
@@ -168,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{medians['writev-new']:.3f}); mmap-decrypt+crc against decrypt + crc + writev-new: "
           f"{medians['mmap-decrypt+crc']:.3f} against {floor:.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"size": parts.size, "dir": args.dir, "rounds": rounds, "medians": medians},
-                                        indent=1) + "\n")
+        write_json(args.json, {"machine": info, "config": {"size": parts.size, "dir": args.dir, "batch": DEFAULT_BATCH,
+                                                            "unit": "CPU seconds per GiB"},
+                               "rounds": rounds, "medians": medians})
         print(f"wrote {args.json}")
     return 0
 

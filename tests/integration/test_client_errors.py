@@ -52,8 +52,10 @@ def test_a_sender_the_recipient_does_not_know_is_told_which_key_to_copy(root: Pa
     _, meta_path = make_file(root, 10)
     (root / "roland-frei" / "pubKey" / "zhenqiang.data").unlink()
     result = run_send(root, server.port, meta_path)
-    _one_line_failure(result, meta_path, "no public key", "roland-frei on the server has no public key of zhenqiang: "
-                      "copy zhenqiang/pubKey/zhenqiang.data into the server's roland-frei/pubKey/")
+    line = _one_line_failure(result, meta_path, "server refused: roland-frei there has no usable public key of "
+                             f"zhenqiang; copy your {root}/zhenqiang/pubKey/zhenqiang.data into roland-frei/pubKey/ "
+                             "on the server")
+    assert "again later" not in line  # it would fail again: no advice to wait
 
 
 def test_missing_private_key(root: Path, server: ServerProcess) -> None:
@@ -101,8 +103,9 @@ def test_file_size_changed(root: Path, server: ServerProcess) -> None:
     data, meta_path = make_file(root, 1000)
     data.write_bytes(os.urandom(1001))
     result = run_send(root, server.port, meta_path)
-    _one_line_failure(result, meta_path, "changed since its .meta was written", "size 1001",
-                      "run 'm2y meta' on it again")
+    line = _one_line_failure(result, meta_path, "changed since its .meta was written", "size 1001",
+                             "run 'm2y meta' on it again")
+    assert "again later" not in line
 
 
 def test_file_content_changed(root: Path, server: ServerProcess) -> None:
@@ -112,6 +115,7 @@ def test_file_content_changed(root: Path, server: ServerProcess) -> None:
     result = run_send(root, server.port, meta_path)
     line = _one_line_failure(result, meta_path, "server refused", "differs from the metadata's fileCRC")
     assert "changed on purpose since its .meta was written, run 'm2y meta' again" in line
+    assert "again later" not in line  # BAD_CRC: sending the same again would fail the same way
     assert not target(root, fields).exists()
     assert not target(root, fields, ".part").exists()
 
@@ -321,7 +325,9 @@ def test_a_meta_that_cannot_be_renamed_is_reported_and_the_rest_still_sent(root:
                                                                            ) -> None:
     data_a, meta_a = make_file(root, 1000, name="a.bin")
     data_b, meta_b = make_file(root, 2000, name="b.bin")
-    for n in range(1000):  # a.done and every numbered name it could take instead (a.1.done ...)
+    from engine.client import MAX_NUMBERED
+
+    for n in range(MAX_NUMBERED):  # a.done and every numbered name it could take instead (a.1.done ...)
         blocker = meta_a.with_suffix(".done") if n == 0 else meta_a.with_name(f"a.{n}.done")
         blocker.mkdir()
     (meta_a.with_suffix(".done") / "keep").write_text("a folder where a.done would go")
@@ -329,7 +335,7 @@ def test_a_meta_that_cannot_be_renamed_is_reported_and_the_rest_still_sent(root:
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "a.meta" in lines[0] and "ACKed" in lines[0] and "cannot become a.done" in lines[0]
-    assert "a.done and 999 numbered names are taken" in lines[0]
+    assert f"a.done and {MAX_NUMBERED - 1} numbered names are taken; remove old ones" in lines[0]
     assert meta_a.exists()  # left as it was, beside the blockers
     assert meta_b.with_suffix(".done").exists() and "b.meta: ACK" in result.stdout
     for data, m in ((data_a, meta_a), (data_b, meta_b.with_suffix(".done"))):

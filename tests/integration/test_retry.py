@@ -187,7 +187,8 @@ def test_no_retries_leaves_a_failed_meta_whose_resend_resumes(root: Path, server
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search("FAILED: (connection lost|the server closed)", lines[0]), result.stderr
-    assert lines[0].endswith("-> myfoto.failed; send myfoto.failed again later: it goes on where it stopped")
+    assert lines[0].endswith("-> myfoto.failed; send myfoto.failed again later (it goes on from what the server "
+                             "kept, if anything)")
     failed = meta_path.with_suffix(".failed")
     assert failed.exists() and proxy.connections == 1
     assert wait_until(lambda: "for a resend" in server.log()), server.log()

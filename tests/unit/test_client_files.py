@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -47,3 +48,54 @@ def test_settle_does_not_follow_or_replace_a_symlink(tmp_path: Path) -> None:
     meta.write_text("m")
     assert settle(meta, ".done") == tmp_path / "a.1.done"
     assert elsewhere.read_text() == "not ours" and (tmp_path / "a.done").is_symlink()
+
+
+@pytest.mark.parametrize("error", [errno.EPERM, errno.ENOSYS, errno.EXDEV, errno.EACCES])
+def test_settle_without_hard_links_checks_then_renames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       error: int) -> None:
+    """A file system that refuses hard links (for whatever reason) still gets its rename, and an
+    older name is still not replaced."""
+    def no_link(*_args: object, **_kw: object) -> None:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "link", no_link)
+    (tmp_path / "a.done").write_text("older receipt")
+    meta = tmp_path / "a.meta"
+    meta.write_text("m")
+    assert settle(meta, ".done") == tmp_path / "a.1.done"
+    assert (tmp_path / "a.done").read_text() == "older receipt" and (tmp_path / "a.1.done").read_text() == "m"
+    assert not meta.exists()
+
+
+def test_settle_when_another_send_renamed_the_meta_meanwhile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two m2y send of one .meta at once: the one whose unlink finds the name gone keeps its link
+    and says the rename happened (it did: under its own name)."""
+    meta = tmp_path / "a.meta"
+    meta.write_text("m")
+    real_unlink = os.unlink
+
+    def raced(path: object, *args: object, **kw: object) -> None:
+        real_unlink(path)  # type: ignore[arg-type]
+        raise FileNotFoundError(errno.ENOENT, "gone")
+
+    monkeypatch.setattr(os, "unlink", raced)
+    assert settle(meta, ".done") == tmp_path / "a.done"
+    monkeypatch.undo()
+    assert (tmp_path / "a.done").read_text() == "m" and not meta.exists()
+
+
+def test_settle_undoes_its_link_when_the_old_name_cannot_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    meta = tmp_path / "a.meta"
+    meta.write_text("m")
+    real_unlink = os.unlink
+
+    def refuse_meta(path: object, *args: object, **kw: object) -> None:
+        if str(path).endswith(".meta"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real_unlink(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", refuse_meta)
+    with pytest.raises(PermissionError):
+        settle(meta, ".done")
+    monkeypatch.undo()
+    assert meta.read_text() == "m" and not (tmp_path / "a.done").exists()  # one name, as before
