@@ -270,7 +270,12 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
                 raise Refused(f"server refused: {to} there has no usable public key of {sender}; copy your "
                               f"{p.own_public_key} into {to}/pubKey/ "
                               "on the server", event.code)
-            raise _refused(event)
+            hint = ""
+            if isinstance(event, RefusedEvent) and event.code == RefuseCode.BAD_ENVELOPE:
+                # Sealed to a key the server does not hold: most often a recipient who made new keys.
+                hint = (f" (if {fields['to']} made new keys, your copy of their public key is stale: "
+                        f"copy their new pubKey/{fields['to']}.data into your pubKey/)")
+            raise _refused(event, hint)
         plain = envelope.open_(p.private_key, event.envelope, envelope.aad(envelope.REPLY, from_hash, to_hash))
         filekey, salt, received, first = meta.check_reply(sent, plain)
         if received == meta.SAME_FILE:  # the server's own word (the reply echoes our nonce): durable there

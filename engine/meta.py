@@ -102,7 +102,10 @@ def _load(data: bytes, what: str) -> Any:
     try:
         fields = json.loads(data.decode("utf-8"))
         canonical(fields if isinstance(fields, dict) else {})  # lone surrogates fail here, not later
-    except (ValueError, RecursionError):
+    except json.JSONDecodeError as exc:  # where, so that a .meta edited by hand can be mended
+        raise RemoteProtocolError(f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
+                                  RefuseCode.BAD_METADATA) from None
+    except (ValueError, RecursionError):  # not UTF-8, a lone surrogate, nesting too deep
         raise RemoteProtocolError(f"{what} is not UTF-8 JSON", RefuseCode.BAD_METADATA) from None
     return fields
 
@@ -255,7 +258,8 @@ def read_meta_file(path: Path) -> dict[str, Any]:
     try:
         return parse(data)
     except RemoteProtocolError as exc:
-        raise ConfigError(f"{path}: malformed .meta: {exc.reason}") from None
+        raise ConfigError(f"{path}: malformed .meta: {exc.reason}; mend it, or run 'm2y meta' on its file "
+                          "again") from None
 
 
 def meta_path_for(data_path: Path) -> Path:

@@ -77,7 +77,8 @@ def test_wrong_recipient_public_key(root: Path, server: ServerProcess) -> None:
     shutil.copy(root / "mallory" / "pubKey" / "mallory.data", root / "zhenqiang" / "pubKey" / "roland-frei.data")
     fields = meta.read_meta_file(meta_path)
     result = run_send(root, server.port, meta_path)
-    _one_line_failure(result, meta_path, "server refused", "cannot decrypt")
+    _one_line_failure(result, meta_path, "server refused", "cannot decrypt", "(if roland-frei made new keys, your "
+                      "copy of their public key is stale: copy their new pubKey/roland-frei.data into your pubKey/)")
     assert not target(root, fields).exists()
 
 
@@ -124,7 +125,8 @@ def test_malformed_meta(root: Path, server: ServerProcess) -> None:
     _, meta_path = make_file(root, 10)
     meta_path.write_text('{"from": "zhenqiang", "to": ')
     result = run_send(root, server.port, meta_path)
-    _one_line_failure(result, meta_path, "malformed .meta", "JSON")
+    _one_line_failure(result, meta_path, "malformed .meta: metadata is not valid JSON (Expecting value at line 1 "
+                      "column 29); mend it, or run 'm2y meta' on its file again")
 
 
 def test_meta_with_bad_crc(root: Path, server: ServerProcess) -> None:
