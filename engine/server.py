@@ -208,6 +208,7 @@ class Server:
         self.port = 0
         self.stopping = False  # set before the transfers are cancelled: they keep their parts
         self.stop_deadline = math.inf  # the stop waits for the disk until then
+        self._busy_refusals, self._busy_logged = 0, -math.inf  # connections refused at --max-clients
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -274,10 +275,17 @@ class Server:
                 continue
             sock.setblocking(False)
             if len(self._tasks) >= self.config.max_clients:
+                n = self.config.max_clients
                 with contextlib.suppress(OSError):
-                    sock.send(refusal_bytes(RefuseCode.BUSY, f"server busy: {self.config.max_clients} "
-                                                              "transfers in progress; try again later"))
+                    sock.send(refusal_bytes(RefuseCode.BUSY, f"server busy: {n} transfer{'s' if n > 1 else ''} "
+                                                              "in progress; try again later"))
                 sock.close()
+                self._busy_refusals += 1
+                now = loop.time()
+                if now >= self._busy_logged + BUSY_LOG_EVERY:  # a flood of connections is one line a minute
+                    log.warning("%s REFUSED BUSY: --max-clients %d reached (%d connection(s) refused since the "
+                                "last such line)", _peer_name(addr), n, self._busy_refusals)
+                    self._busy_logged, self._busy_refusals = now, 0
                 continue
             task = asyncio.ensure_future(self._handle(sock, addr))
             self._tasks.add(task)
@@ -286,7 +294,7 @@ class Server:
     # -- one connection ----------------------------------------------------------------------
 
     async def _handle(self, sock: socket.socket, addr: Any) -> None:
-        session = _Session(self, sock)
+        session = _Session(self, sock, _peer_name(addr))
         try:
             await session.run()
         finally:
@@ -296,8 +304,9 @@ class Server:
 class _Session:
     """The server side of one transfer."""
 
-    def __init__(self, server: Server, sock: socket.socket) -> None:
+    def __init__(self, server: Server, sock: socket.socket, peer: str = "?") -> None:
         cfg = server.config
+        self.peer = peer  # the client's address, first in every log line of this connection
         self.server = server
         self.sock = sock
         self.conn = Connection(Role.SERVER, max_envelope=cfg.max_envelope, batch=cfg.batch,
@@ -307,7 +316,7 @@ class _Session:
         self.loop = asyncio.get_running_loop()
         self.last_rx = self.loop.time()
         self.incoming: Incoming | None = None
-        self.label = "?"
+        self.label = f"{peer} ?"
         self.started = time.monotonic()
         self.timed_out = False
         self.timeout_reason = ""
@@ -337,7 +346,9 @@ class _Session:
         try:
             outcome = await self._transfer()
         except ProtocolError as exc:
-            outcome = f"REFUSED {exc.code.name}: {exc.reason}"
+            # A client that closed before the end broke the protocol only by leaving: say so, not
+            # that its header was bad (the refusal is still tried: a half-closed one may read it).
+            outcome = f"CLIENT GONE: {exc.reason}" if self.client_gone else f"REFUSED {exc.code.name}: {exc.reason}"
             await self._refuse(exc.code, exc.reason)
         except asyncio.CancelledError:
             if self.failure is not None:
@@ -358,6 +369,7 @@ class _Session:
             outcome = f"FAILED: {exc.strerror or exc}"
             if isinstance(exc, ConnectionError):  # the client went away (a reset while we sent): not our disk
                 self.client_gone = True
+                outcome = f"CLIENT GONE: {exc.strerror or exc}"
             code = RefuseCode.NO_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else RefuseCode.INTERNAL
             await self._refuse(code, f"server I/O error: {exc.strerror or exc}")
         except Exception as exc:  # the server survives any client; log the bug
@@ -467,7 +479,7 @@ class _Session:
         assert isinstance(header, Header)
         recipient, private_key = self.server.keys.recipient(header.to_hash)
         sender, public_key = self.server.keys.sender(recipient, header.from_hash)
-        self.label = f"{sender} -> {recipient}"
+        self.label = f"{self.peer} {sender} -> {recipient}"
         env = await self._next()
         assert isinstance(env, Envelope)
         plain = envelope.open_(private_key, env.data,
@@ -476,7 +488,7 @@ class _Session:
         if fields["from"] != sender or fields["to"] != recipient:
             raise RemoteProtocolError("metadata from/to do not match the header's user hashes",
                                       RefuseCode.BAD_METADATA)
-        self.label = f"{sender} -> {recipient} {fields['folder']}/{sender}_{fields['datetime']}.data"
+        self.label = f"{self.peer} {sender} -> {recipient} {fields['folder']}/{sender}_{fields['datetime']}.data"
         self.deadline = None  # the handshake is in; what follows is the server's own work
         self.busy_here = True
         received = meta.NEW
@@ -693,6 +705,14 @@ class _Session:
         return self.ring.frames(self.slot)[:nbytes]
 
 
+def _peer_name(addr: Any) -> str:
+    """``host:port`` of a client, for the log (``[v6]:port`` for IPv6)."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return "?"
+
+
 def serve(config: ServerConfig, on_listening: Any = None) -> None:
     """Run a server until SIGINT or SIGTERM; ``on_listening(server)`` is called once bound."""
     import uvloop
@@ -704,8 +724,9 @@ def serve(config: ServerConfig, on_listening: Any = None) -> None:
     except BaseException:
         os.close(lock_fd)
         raise
+    why = "" if config.keep_partial > 0 else "; --keep-partial 0 keeps none for a resend"
     for path, size in removed:
-        log.info("removed %s (%d B), left by a transfer cut short", one_line(path), size)
+        log.info("removed %s (%d B), left by a transfer cut short%s", one_line(path), size, why)
     for key, partial in kept or []:
         log.info("%s.part: %d B kept by the previous server, waiting for a resend", one_line(key), partial.written)
 
@@ -743,6 +764,7 @@ def serve(config: ServerConfig, on_listening: Any = None) -> None:
     loop.close()
 
 
+BUSY_LOG_EVERY = 60.0  # s between two log lines about connections refused at --max-clients
 HUNG_GRACE = 0.5  # s more for threads that only have to notice their pool's shutdown
 
 

@@ -670,8 +670,12 @@ def _sweep_folder(dir_fd: int, path: Path, depth: int, senders: set[str],
     for name in records:
         stem = name.removesuffix(keptpart.SUFFIX)
         if stem not in taken:
+            try:
+                size = os.lstat(name, dir_fd=dir_fd).st_size
+            except OSError:
+                size = 0
             keptpart.remove(dir_fd, stem)
-            removed.append((str(path / name), 0))
+            removed.append((str(path / name), size))
     if len(removed) > before:
         with contextlib.suppress(OSError):
             os.fsync(dir_fd)
@@ -742,6 +746,7 @@ class Partial:
     kept_at: float
     meta_sha256: str = ""  # of the .meta as stored, for its on-disk record (keptpart.py)
     persisted: bool = False  # its record is on disk: it outlives this process
+    persisting: bool = False  # a persist() is writing that record (one at a time: a stop's and the suspend's)
 
     @property
     def stem(self) -> str:
@@ -964,15 +969,19 @@ class Storage:
         not written by then are left to the next start, which takes their parts back at the length
         of an older record, or else removes them."""
         with self._table:
-            keys = [k for k, p in self._partial.items() if not p.persisted]
-        threads = [threading.Thread(target=self.persist, args=(key,), name="m2y-persist", daemon=True)
-                   for key in keys]
-        for t in threads:
+            pending = {k: p for k, p in self._partial.items() if not p.persisted}
+        # One persist per part: where the suspend's (queued in the executor) is already under way,
+        # this thread's returns at once, and the wait below is for that one.
+        threads = {key: threading.Thread(target=self.persist, args=(key,), name="m2y-persist", daemon=True)
+                   for key in pending}
+        for t in threads.values():
             t.start()
         deadline = time.monotonic() + wait
-        for t in threads:
+        for t in threads.values():
             t.join(max(deadline - time.monotonic(), 0.0))
-        late = sum(t.is_alive() for t in threads)
+        while any(p.persisting for p in pending.values()) and time.monotonic() < deadline:  # a record is
+            time.sleep(0.01)  # written only while its entry is in the table, which is emptied below
+        late = sum(p.persisting or threads[k].is_alive() for k, p in pending.items())
         if late:
             log.warning("%d kept part(s) not recorded within %.1f s (a slow disk?): the next start takes them "
                         "back from an older record, if any, or removes them", late, wait)
@@ -987,9 +996,10 @@ class Storage:
         (keptpart.py). False if it is gone, taken over, or cannot be. Blocking: run it in a thread."""
         with self._table:
             partial = self._partial.get(key)
-            if partial is None or partial.persisted or partial.dir_fd < 0:
+            if partial is None or partial.persisted or partial.persisting or partial.dir_fd < 0:
                 return False
             dir_fd = os.dup(partial.dir_fd)  # ours: a removal may close the Partial's meanwhile
+            partial.persisting = True
         try:
             fd = os.open(partial.part_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                          dir_fd=dir_fd)
@@ -1012,11 +1022,14 @@ class Storage:
                                                                      partial.meta_sha256, st.st_ino))
                 partial.persisted = True
         except OSError as exc:
-            log.warning("%s: cannot keep it past a restart: %s", one_line(key), exc.strerror or exc)
+            log.warning("%s: cannot record its kept part on disk (it will not outlive a restart): %s", one_line(key),
+                        exc.strerror or exc)
             return False
         finally:
+            partial.persisting = False
             os.close(dir_fd)
-        log.info("%s.part: its %d B kept past a restart", one_line(key), partial.written)
+        log.info("%s.part: its %d B kept for a resend, recorded on disk (they outlive a restart)", one_line(key),
+                 partial.written)
         return True
 
     def _drop(self, key: str, partial: Partial) -> None:
@@ -1039,10 +1052,16 @@ class Storage:
     def _expired(self) -> list[Partial]:
         """Under ``_table``: take the entries to remove out of the table."""
         now = time.monotonic()
-        gone = [k for k, p in self._partial.items() if now - p.kept_at > self.keep_partial]
-        gone += [k for k in list(self._partial)[: max(len(self._partial) - len(gone) - MAX_PARTIALS, 0)]
-                 if k not in gone]
-        return [self._partial.pop(k) for k in gone]
+        old = [k for k, p in self._partial.items() if now - p.kept_at > self.keep_partial]
+        over = [k for k in list(self._partial)[: max(len(self._partial) - len(old) - MAX_PARTIALS, 0)]
+                if k not in old]
+        for k in old:  # said, or an operator told "waiting for a resend" never learns it went
+            log.info("%s.part: its %d B kept for a resend go: none came within %g s (--keep-partial)", one_line(k),
+                     self._partial[k].written, self.keep_partial)
+        for k in over:
+            log.info("%s.part: its %d B kept for a resend go: the oldest of more than %d kept parts", one_line(k),
+                     self._partial[k].written, MAX_PARTIALS)
+        return [self._partial.pop(k) for k in old + over]
 
     def release(self, incoming: Incoming) -> None:
         with self._table:

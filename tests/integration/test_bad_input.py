@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import time
@@ -377,12 +378,17 @@ def test_too_many_clients_are_refused_as_busy(root: Path) -> None:
         time.sleep(0.3)
         with RawClient(srv.port) as c:
             code, reason = c.read_refusal()
-        assert code == RefuseCode.BUSY and "busy" in reason
+        assert code == RefuseCode.BUSY and reason == "server busy: 2 transfers in progress; try again later"
+        assert wait_until(lambda: "REFUSED BUSY: --max-clients 2 reached" in srv.log()), srv.log()
         for s in held:
             s.close()
         assert wait_until(lambda: srv.alive())
         time.sleep(0.3)
         assert_still_serves(root, srv)
+        # The two held connections closed without a word: that is said as such, with where they came from.
+        assert wait_until(lambda: srv.log().count("CLIENT GONE: peer closed the connection in state HEADER") == 2)
+        assert re.search(r"127\.0\.0\.1:\d+ \? 0 B .* CLIENT GONE", srv.log()), srv.log()
+        assert "BAD_HEADER" not in srv.log()
     finally:
         assert srv.stop() == 0
 

@@ -304,8 +304,8 @@ def test_a_kept_part_outlives_a_server_crash(root: Path) -> None:
         with CuttingProxy(srv.port, {0: 6 * 2**20}) as proxy:
             cut = _send(root, proxy.listen_port, meta_path, "--retries", "0")
         assert cut.returncode == 1, cut.stderr
-        assert wait_until(lambda: "kept past a restart" in srv.log())
-        kept = int(re.search(r"its (\d+) B kept past a restart", srv.log()).group(1))  # type: ignore[union-attr]
+        assert wait_until(lambda: "recorded on disk" in srv.log())
+        kept = int(re.search(r"its (\d+) B kept for a resend, recorded on disk", srv.log()).group(1))  # type: ignore[union-attr]
         assert 2**20 <= kept <= 6 * 2**20 and record.exists() and part.stat().st_size == kept
         with part.open("ab") as f:  # bytes after the record (a write the crash cut): not vouched for
             f.write(b"x" * 1000)
@@ -333,7 +333,7 @@ def test_a_record_that_does_not_hold_is_removed_with_its_part(root: Path) -> Non
     try:
         with CuttingProxy(srv.port, {0: 3 * 2**20}) as proxy:
             assert _send(root, proxy.listen_port, meta_path, "--retries", "0").returncode == 1
-        assert wait_until(lambda: "kept past a restart" in srv.log()) and record.exists()
+        assert wait_until(lambda: "recorded on disk" in srv.log()) and record.exists()
         _kill(srv)
         stored.write_bytes(stored.read_bytes().replace(b'"photo"', b'"Photo"'))
         srv = start_server(root)
@@ -397,6 +397,7 @@ def test_a_server_restarted_mid_file_lets_the_retry_go_on(root: Path, how: str) 
             m = re.search(r"CANCELLED \(server stopping\); kept (\d+) B for a resend", old.log())
             assert m, old.log()
             assert record.exists() and part.stat().st_size == int(m.group(1))
+            assert old.log().count("recorded on disk") == 1, old.log()  # the suspend's and the stop's: one record
         else:
             assert wait_until(lambda: keptpart_written(record) >= 2**20, timeout=30)
             _kill(old)

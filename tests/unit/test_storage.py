@@ -1098,11 +1098,14 @@ def test_a_kept_part_changed_on_disk_is_not_resumed(root: Path, change: str) -> 
     again.abort()
 
 
-def test_kept_parts_expire(root: Path) -> None:
+def test_kept_parts_expire(root: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = Storage(root, max_file_size=10 * MiB, keep_partial=0.05)
     _cut_short(store, 5 * B, 2)
     time.sleep(0.1)
-    store.expire()
+    with caplog.at_level("INFO", logger="m2y.storage"):
+        store.expire()
+    assert any(f"its {2 * B} B kept for a resend go: none came within 0.05 s (--keep-partial)" in r.getMessage()
+               for r in caplog.records), caplog.text
     assert not with_suffix(target(root), ".part").exists() and not with_suffix(target(root), ".meta").exists()
     again = store.begin(fields(5 * B))
     assert again.resume_block == 0
@@ -1176,7 +1179,10 @@ def test_sweep_removes_records_that_vouch_for_nothing(root: Path) -> None:
         keptpart.write(fd, other, keptpart.Record(65536, 7, good.meta_sha256, good.ino + 1))  # another inode
         (photo / f".{alone}.resume.tmp").write_text("{")
         kept: list[tuple[str, Partial]] = []
-        removed = {Path(p).name for p, _ in sweep_leftovers(root, kept)}
+        sizes = {name: (photo / name).stat().st_size for name in os.listdir(photo)}
+        swept = sweep_leftovers(root, kept)
+        removed = {Path(p).name for p, _ in swept}
+        assert all(size == sizes[Path(p).name] for p, size in swept), swept  # records too, not 0
         assert kept == [] and list(photo.iterdir()) == []
         assert removed == {f"{alone}.resume", f".{alone}.resume.tmp", f"{other}.part", f"{other}.meta",
                            f"{other}.resume"}
