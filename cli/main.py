@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -62,10 +63,10 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     _add_root(p)
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
-    p.add_argument("--max-file-size", type=int, default=DEFAULT_MAX_FILE_SIZE,
-                   help=f"largest file accepted, bytes (default {DEFAULT_MAX_FILE_SIZE})")
-    p.add_argument("--max-meta", type=int, default=DEFAULT_MAX_ENVELOPE,
-                   help=f"largest metadata envelope, bytes (default {DEFAULT_MAX_ENVELOPE})")
+    p.add_argument("--max-file-size", type=_size, default=DEFAULT_MAX_FILE_SIZE,
+                   help="largest file accepted: bytes, or with a unit (20GB, 64GiB; default 64GiB)")
+    p.add_argument("--max-meta", type=_size, default=DEFAULT_MAX_ENVELOPE,
+                   help="largest metadata envelope: bytes, or with a unit (default 64KiB)")
     p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
                    help=f"seconds a client may stay silent mid-transfer (default {DEFAULT_IDLE_TIMEOUT:g})")
     p.add_argument("--handshake-timeout", type=float, default=DEFAULT_HANDSHAKE_TIMEOUT,
@@ -114,6 +115,19 @@ def _add_workers(p: argparse.ArgumentParser) -> None:
 def _add_batch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
                    help=f"64 KiB blocks per batch (1-{MAX_BATCH}; tuning, default {DEFAULT_BATCH})")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3,
+               "t": 1024**4, "tib": 1024**4, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+
+
+def _size(text: str) -> int:
+    """A byte count, or one with a unit: 5000, 64KiB, 20GB (KB, MB, GB, TB decimal; K, M, G, T and
+    KiB, MiB, GiB, TiB binary), as perf/ takes them."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (a byte count, or with a unit: 64KiB, 20GB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
 def _ranged(args: argparse.Namespace, option: str, lo: float, hi: float, unit: str = "") -> Any:

@@ -209,6 +209,8 @@ class Server:
         self.stopping = False  # set before the transfers are cancelled: they keep their parts
         self.stop_deadline = math.inf  # the stop waits for the disk until then
         self._busy_refusals, self._busy_logged = 0, -math.inf  # connections refused at --max-clients
+        self._busy_peer = "?"
+        self._busy_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -239,6 +241,9 @@ class Server:
             expiry.cancel()
             accept.cancel()
             listener.close()
+            if self._busy_timer is not None:  # what it would have said, said now
+                self._busy_timer.cancel()
+                self._log_busy()
             self.stopping = True
             self.stop_deadline = deadline = time.monotonic() + self.config.stop_wait
             for task in list(self._tasks):
@@ -281,15 +286,23 @@ class Server:
                                                               "in progress; try again later"))
                 sock.close()
                 self._busy_refusals += 1
-                now = loop.time()
-                if now >= self._busy_logged + BUSY_LOG_EVERY:  # a flood of connections is one line a minute
-                    log.warning("%s REFUSED BUSY: --max-clients %d reached (%d connection(s) refused since the "
-                                "last such line)", _peer_name(addr), n, self._busy_refusals)
-                    self._busy_logged, self._busy_refusals = now, 0
+                self._busy_peer = _peer_name(addr)
+                if loop.time() >= self._busy_logged + BUSY_LOG_EVERY:  # a flood is one line a minute
+                    self._log_busy()
+                elif self._busy_timer is None:  # the rest of this minute's, said at its end
+                    self._busy_timer = loop.call_at(self._busy_logged + BUSY_LOG_EVERY, self._log_busy)
                 continue
             task = asyncio.ensure_future(self._handle(sock, addr))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _log_busy(self) -> None:
+        self._busy_timer = None
+        if self._busy_refusals:
+            log.warning("%s REFUSED BUSY: --max-clients %d reached (%d connection(s) refused since the last "
+                        "such line; the address is the last one's)", self._busy_peer, self.config.max_clients,
+                        self._busy_refusals)
+            self._busy_logged, self._busy_refusals = asyncio.get_running_loop().time(), 0
 
     # -- one connection ----------------------------------------------------------------------
 
@@ -726,7 +739,8 @@ def serve(config: ServerConfig, on_listening: Any = None) -> None:
         raise
     why = "" if config.keep_partial > 0 else "; --keep-partial 0 keeps none for a resend"
     for path, size in removed:
-        log.info("removed %s (%d B), left by a transfer cut short%s", one_line(path), size, why)
+        log.info("removed %s (%d B), left by a transfer cut short%s", one_line(path), size,
+                 why if path.endswith((".part", ".resume")) else "")
     for key, partial in kept or []:
         log.info("%s.part: %d B kept by the previous server, waiting for a resend", one_line(key), partial.written)
 

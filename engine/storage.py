@@ -382,12 +382,19 @@ class Incoming:
             ino = os.fstat(fd).st_ino
             # The record is written outside the lock (its fsyncs must not hold up the loop, which
             # takes the lock to abort or suspend); a commit or a failure meanwhile takes it back.
-            keptpart.write(dir_fd, stem, keptpart.Record(written, crc, keptpart.meta_digest(self.meta_bytes), ino))
-            with self._lock:
-                if self.committing or self.sync_failed or (self.done and not self.kept):
-                    keptpart.remove(dir_fd, stem)
-                    return False
-                self.recorded = True
+            # Under _begins, as Storage.persist writes a kept part's record: a transfer suspended
+            # while this one fsynced has its own, newer record, which this older one must not replace.
+            with self.store._begins:
+                with self._lock:
+                    if self.done or self.committing or self.sync_failed:
+                        return False
+                keptpart.write(dir_fd, stem, keptpart.Record(written, crc, keptpart.meta_digest(self.meta_bytes),
+                                                             ino))
+                with self._lock:
+                    if self.committing or self.sync_failed or (self.done and not self.kept):
+                        keptpart.remove(dir_fd, stem)
+                        return False
+                    self.recorded = True
             return True
         except OSError as exc:
             if self.sync_failed:

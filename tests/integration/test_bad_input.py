@@ -162,7 +162,7 @@ def test_unsafe_folder(root: Path, server: ServerProcess, folder: str) -> None:
 
 
 def test_filesize_over_limit(root: Path) -> None:
-    srv = start_server(root, "--max-file-size", "5000")
+    srv = start_server(root, "--max-file-size", "5KB")  # 5000: sizes take units
     try:
         fields = fields_for(6000)
         code, reason = refuse_after_request(root, srv, fields)
@@ -380,6 +380,8 @@ def test_too_many_clients_are_refused_as_busy(root: Path) -> None:
             code, reason = c.read_refusal()
         assert code == RefuseCode.BUSY and reason == "server busy: 2 transfers in progress; try again later"
         assert wait_until(lambda: "REFUSED BUSY: --max-clients 2 reached" in srv.log()), srv.log()
+        with RawClient(srv.port) as c:  # within the minute: counted, said at its end or at the stop
+            assert c.read_refusal()[0] == RefuseCode.BUSY
         for s in held:
             s.close()
         assert wait_until(lambda: srv.alive())
@@ -391,6 +393,8 @@ def test_too_many_clients_are_refused_as_busy(root: Path) -> None:
         assert "BAD_HEADER" not in srv.log()
     finally:
         assert srv.stop() == 0
+    busy = [line for line in srv.log().splitlines() if "REFUSED BUSY" in line]
+    assert len(busy) == 2 and "(1 connection(s) refused since the last such line" in busy[1], busy
 
 
 def trickle(c: RawClient, pieces: list[bytes]) -> tuple[int, str]:

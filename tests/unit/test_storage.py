@@ -1283,3 +1283,40 @@ def test_a_stop_waits_for_records_only_so_long(root: Path, monkeypatch: pytest.M
     release.set()
     assert took < 3, took  # three hung fsyncs, side by side, given up after 0.3 s
     assert any("3 kept part(s) not recorded within 0.3 s" in r.getMessage() for r in caplog.records)
+
+
+def test_a_checkpoint_under_way_at_suspend_never_replaces_the_kept_parts_newer_record(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint is in its fdatasync when its transfer is suspended and the kept part's record
+    (of more bytes) is written: the checkpoint, going on, must not write its older record over it
+    (a restart would take back fewer bytes; found by a review)."""
+    from engine import keptpart
+    from engine.crc import crc64
+
+    store = Storage(root, 10 * MiB)
+    data = os.urandom(5 * B)
+    incoming = store.begin(fields(5 * B))
+    incoming.write(data[:B])
+    entered, release = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def slow_in_the_checkpoint(fd: int) -> None:
+        if threading.current_thread().name == "checkpoint":
+            entered.set()
+            release.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow_in_the_checkpoint)
+    checkpoint = threading.Thread(target=incoming.checkpoint, args=(crc64(data[:B]), B), name="checkpoint")
+    checkpoint.start()
+    try:
+        assert entered.wait(10)
+        incoming.write(data[B : 3 * B])
+        assert incoming.suspend(crc64(data[: 3 * B]), 3 * B)
+        assert store.persist(incoming.key)
+    finally:
+        release.set()
+        checkpoint.join(10)
+    record = keptpart.decode(with_suffix(target(root), ".resume").read_bytes())
+    assert record is not None and (record.written, record.crc) == (3 * B, crc64(data[: 3 * B]))
+    store.close()
