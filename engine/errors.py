@@ -57,6 +57,11 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something wrong; we refuse with ``code`` and ``reason``."""
 
 
+class PeerClosed(RemoteProtocolError):
+    """The peer closed the connection where the protocol does not allow it (mid-message, mid-file):
+    it broke the protocol only by leaving, which a log should say as such."""
+
+
 class AlreadyReceived(RemoteProtocolError):
     """The name is taken by a finished .data. ``same``: its stored .meta is exactly this request,
     so this is the same file again (an earlier ACK lost). The server says which in its REPLY,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from .blocks import ACK_BODY_LEN, CRC_FRAME_LEN, TAG_LEN, batch_plain_size, block_count, plain_size
 from .crc import BytesLike
 from .defaults import DEFAULT_BATCH, DEFAULT_MAX_ENVELOPE  # batch: frames per received region
-from .errors import LocalProtocolError, RefuseCode, RemoteProtocolError
+from .errors import LocalProtocolError, PeerClosed, RefuseCode, RemoteProtocolError
 
 HEADER = struct.Struct(">QQQ")  # envelope length, from hash, to hash
 SERVER_PREFIX = struct.Struct(">QQ")  # kind, body length
@@ -416,7 +416,7 @@ class Connection:
                 return NEED_DATA
             where = self.state.value
             self.state = State.ERROR
-            raise RemoteProtocolError(f"peer closed the connection in state {where}", RefuseCode.BAD_HEADER)
+            raise PeerClosed(f"peer closed the connection in state {where}", RefuseCode.BAD_HEADER)
         return NEED_DATA
 
     # -- parsers (one per control message) -------------------------------------------------

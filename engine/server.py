@@ -49,6 +49,7 @@ from .errors import (
     ConfigError,
     LocalProtocolError,
     M2YError,
+    PeerClosed,
     ProtocolError,
     RefuseCode,
     RemoteProtocolError,
@@ -361,7 +362,8 @@ class _Session:
         except ProtocolError as exc:
             # A client that closed before the end broke the protocol only by leaving: say so, not
             # that its header was bad (the refusal is still tried: a half-closed one may read it).
-            outcome = f"CLIENT GONE: {exc.reason}" if self.client_gone else f"REFUSED {exc.code.name}: {exc.reason}"
+            gone = isinstance(exc, PeerClosed)
+            outcome = f"CLIENT GONE: {exc.reason}" if gone else f"REFUSED {exc.code.name}: {exc.reason}"
             await self._refuse(exc.code, exc.reason)
         except asyncio.CancelledError:
             if self.failure is not None:
