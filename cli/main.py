@@ -40,6 +40,7 @@ from engine.errors import ConfigError, M2YError, one_line
 from engine.users import check_user, default_root, public_key_path
 
 if TYPE_CHECKING:
+    from engine.client import Result
     from engine.server import Server
 
 SECONDS = " seconds"
@@ -238,6 +239,15 @@ def _write_meta(args: argparse.Namespace, home: Path, path: Path) -> Path:
     fields = meta.make(args.sender, args.recipient, args.folder, path.name, size, crc, when)
     out = meta.meta_path_for(path)
     meta.write_meta_file(out, fields)
+    failed = out.with_suffix(".failed")
+    try:
+        unfinished = failed.is_file() and meta.read_meta_file(failed)["filename"] == path.name
+    except ConfigError:
+        unfinished = False
+    if unfinished:  # sending both would store the file twice, under two datetimes
+        print(one_line(f"m2y meta: note: {failed} is an earlier send of {path.name} that did not finish; send it "
+                       f"(it goes on where it stopped) and remove {out.name}, or send {out.name} and remove it"),
+              file=sys.stderr)
     return out
 
 
@@ -327,35 +337,44 @@ def cmd_send(args: argparse.Namespace) -> int:
         with contextlib.suppress(OSError):  # like the bars: a closed stderr never fails a transfer
             print(one_line(f"{meta_path.name}: {why}; {what}"), file=sys.stderr, flush=True)
 
-    try:
-        port, timeout = int(_ranged(args, "port", 1, 65535)), float(_ranged(args, "timeout", 0.1, DAY, SECONDS))
-        results = send_files(args.metas, _root(args), args.host, port, timeout, _workers(args),
-                             _batch(args), progress=bars, retries=retries, first_wait=first_wait,
-                             on_retry=retrying)
-    finally:
+    def settled(r: Result) -> None:
+        """Each file's line as soon as it is settled: a run cut short (Ctrl-C) has said what it finished."""
         if bars is not None:
-            bars.close()
-    for r in results:
+            bars.close()  # the line goes below the finished bar, not into it
         where = f" -> {r.renamed_to.name}" if r.renamed_to else ""
-        if r.ok and r.already and r.retries:
+        if r.ok and r.earlier:
+            print(one_line(f"{r.meta_path.name}: {r.message}"), flush=True)
+        elif r.ok and r.already and r.retries:
             print(one_line(f"{r.meta_path.name}: ACK, the server holds these {r.nbytes} bytes: they arrived before "
-                           f"the connection broke, and only the ACK was lost; nothing sent again{where}"))
+                           f"the connection broke, and only the ACK was lost; nothing sent again{where}"), flush=True)
         elif r.ok and r.already:
             print(one_line(f"{r.meta_path.name}: ACK, the server already holds these {r.nbytes} bytes from an "
-                           f"earlier send (whose ACK did not arrive); nothing sent again{where}"))
+                           f"earlier send (whose ACK did not arrive); nothing sent again{where}"), flush=True)
         elif r.ok and r.resumed_at:
             sent = r.nbytes - r.resumed_at
             rate = sent / max(r.seconds, 1e-9) / 1e6
             print(one_line(f"{r.meta_path.name}: ACK, {r.nbytes} bytes, resumed at {r.resumed_at}: {sent} sent "
-                           f"in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"))
+                           f"in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"), flush=True)
         elif r.ok:
             rate = r.nbytes / max(r.seconds, 1e-9) / 1e6
-            print(one_line(f"{r.meta_path.name}: ACK, {r.nbytes} bytes in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"))
+            print(one_line(f"{r.meta_path.name}: ACK, {r.nbytes} bytes in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"),
+                  flush=True)
         else:
             tries = f" after {r.retries} {'retry' if r.retries == 1 else 'retries'}" if r.retries else ""
             later = (f"; send {r.renamed_to.name} again later (it goes on from what the server kept, if anything)"
                      if r.resumable and r.renamed_to else "")
-            print(one_line(f"{r.meta_path.name}: FAILED{tries}: {r.message}{where}{later}"), file=sys.stderr)
+            with contextlib.suppress(OSError):
+                print(one_line(f"{r.meta_path.name}: FAILED{tries}: {r.message}{where}{later}"), file=sys.stderr,
+                      flush=True)
+
+    try:
+        port, timeout = int(_ranged(args, "port", 1, 65535)), float(_ranged(args, "timeout", 0.1, DAY, SECONDS))
+        results = send_files(args.metas, _root(args), args.host, port, timeout, _workers(args),
+                             _batch(args), progress=bars, retries=retries, first_wait=first_wait,
+                             on_retry=retrying, on_result=settled)
+    finally:
+        if bars is not None:
+            bars.close()
     return 0 if results and all(r.ok for r in results) else 1
 
 

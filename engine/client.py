@@ -100,6 +100,7 @@ class Result:
     resumed_at: int = 0  # bytes the server had kept from an interrupted send: this one sent the rest
     retries: int = 0  # tries after the first
     resumable: bool = False  # failed for the connection or a busy server: sending the .failed later goes on
+    earlier: bool = False  # not sent now: the .meta is already the .done of an earlier send
 
 
 def prepare(meta_path: Path, root: Path) -> Prepared:
@@ -461,15 +462,16 @@ OnRetry = Callable[[Path, str, float, int], None]  # (meta_path, why, seconds to
 def send_files(metas: list[Path], root: Path, host: str, port: int,
                timeout: float = DEFAULT_TIMEOUT, workers: int = 0, batch: int = DEFAULT_BATCH,
                progress: Callable[[Path, int], Progress] | None = None, retries: int = DEFAULT_RETRIES,
-               first_wait: float = DEFAULT_RETRY_WAIT, on_retry: OnRetry | None = None) -> list[Result]:
+               first_wait: float = DEFAULT_RETRY_WAIT, on_retry: OnRetry | None = None,
+               on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Send each .meta in turn; rename it .done on ACK, .failed otherwise. ``progress(meta_path,
     filesize)``, if given, is called once a file's first batch is sent and returns what hears of
     each batch of it. A file whose try fails ``retryable``-ly is tried again, up to ``retries``
     more times, after ``retry_wait`` seconds; a BUSY while the server ``still_held`` the broken
-    connection is waited out besides; ``on_retry`` hears of each."""
+    connection is waited out besides; ``on_retry`` hears of each. ``on_result`` hears of each file
+    as soon as it is settled (so that an interrupted run has said what it finished)."""
 
     async def run() -> list[Result]:
-        results: list[Result] = []
         pool = WorkerPool(workers) if workers > 0 else None
         if pool is not None:
             pool.attach(asyncio.get_running_loop())
@@ -479,17 +481,25 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
             if pool is not None:
                 pool.close()
 
+    def settled(result: Result) -> None:
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+
     async def _send_all(pool: WorkerPool | None, results: list[Result]) -> list[Result]:
         seen: set[Path] = set()
         for meta_path in metas:
             if (refused := not_sendable(meta_path)) is not None:
-                results.append(Result(meta_path, False, refused))
+                settled(Result(meta_path, False, refused))
                 continue
             # Given twice (the same name in the same folder): it was sent, and renamed, once. Not the
             # resolved file: a symlink's name is renamed, not its target's, so each name counts.
             if (same := meta_path.parent.resolve() / meta_path.name) in seen:
                 continue
             seen.add(same)
+            if (after := _sent_or_failed_before(meta_path)) is not None:  # the same command run again
+                settled(after)
+                continue
             already, resumed_at, attempt, resumable = False, 0, 0, False
             prepared: Prepared | None = None
             lost_at: float | None = None
@@ -534,14 +544,29 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
                     did = "the server ACKed it" if ok else message
                     why = exc.strerror or exc
                     ok, message = False, f"{did}, but {meta_path.name} cannot become {meta_path.stem}{suffix}: {why}"
-            results.append(Result(meta_path, ok, message, renamed, nbytes, seconds, already, resumed_at, attempt,
-                                  resumable and renamed is not None))
+            settled(Result(meta_path, ok, message, renamed, nbytes, seconds, already, resumed_at, attempt,
+                           resumable and renamed is not None))
         return results
 
     import uvloop
 
-    results: list[Result] = uvloop.run(run())
+    results: list[Result] = []
+    uvloop.run(run())
     return results
+
+
+def _sent_or_failed_before(meta_path: Path) -> Result | None:
+    """A .meta that is gone because an earlier send renamed it (the same command run again): say
+    what it became instead of 'no such .meta file'. None if it is there, or was never sent."""
+    if meta_path.suffix != ".meta" or meta_path.exists() or meta_path.is_symlink():
+        return None
+    done, failed = meta_path.with_suffix(".done"), meta_path.with_suffix(".failed")
+    if done.is_file():
+        return Result(meta_path, True, f"sent earlier: it is {done.name} now; nothing sent", earlier=True)
+    if failed.is_file():
+        return Result(meta_path, False, f"{meta_path.name} is {failed.name} now (an earlier send did not finish): "
+                                        f"send {failed.name} to go on")
+    return None
 
 
 __all__ = ["DEFAULT_TIMEOUT", "ProtocolError", "Result", "Sent", "not_sendable", "prepare", "retry_wait", "retryable",

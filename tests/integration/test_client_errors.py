@@ -161,6 +161,9 @@ def test_a_file_that_is_not_a_meta_is_refused_and_left_as_it_is(root: Path, serv
     assert sent.returncode == 0, sent.stderr  # given three times: sent once, not failed twice as missing
     assert len(sent.stdout.strip().splitlines()) == 1 and sent.stderr == ""
     done = meta_path.with_suffix(".done")
+    rerun = run_send(root, server.port, meta_path)  # the same command again: the .meta is the .done now
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.strip().splitlines() == [f"{meta_path.name}: sent earlier: it is {done.name} now; nothing sent"]
     again = run_send(root, server.port, done)
     assert again.returncode == 1
     assert again.stderr.strip().splitlines() == [
@@ -185,14 +188,17 @@ def test_two_names_of_one_meta_are_both_answered(root: Path, server: ServerProce
 
 def test_an_interrupted_send_says_how_to_go_on(root: Path) -> None:
     """Ctrl-C (SIGINT) while `m2y send` waits: exit 130 and one line saying what to do (it used to
-    end silently); the .meta stays as it was, to be sent again."""
+    end silently); the .meta stays as it was, to be sent again. What was settled before the
+    interrupt was said as it was settled (it used to be said only at the end, so never)."""
+    _, earlier = make_file(root, 10, name="earlier.jpg")
+    earlier.rename(earlier.with_suffix(".done"))  # sent by an earlier run
     _, meta_path = make_file(root, 1000)
     with socket.socket() as listener:  # a server that accepts and never answers
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         # As a terminal's Ctrl-C finds it: a shell that starts jobs in the background (CI's may) hands
         # them SIGINT ignored, and Python then never raises KeyboardInterrupt.
-        proc = subprocess.Popen([*M2Y, "send", str(meta_path), "--root", str(root), "--port",
+        proc = subprocess.Popen([*M2Y, "send", str(earlier), str(meta_path), "--root", str(root), "--port",
                                  str(listener.getsockname()[1])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
@@ -200,7 +206,7 @@ def test_an_interrupted_send_says_how_to_go_on(root: Path) -> None:
             with conn:
                 time.sleep(0.3)
                 proc.send_signal(signal.SIGINT)
-                _, err = proc.communicate(timeout=20)
+                out, err = proc.communicate(timeout=20)
         finally:
             proc.kill()
             proc.wait(10)
@@ -208,6 +214,18 @@ def test_an_interrupted_send_says_how_to_go_on(root: Path) -> None:
     assert err.strip().splitlines() == ["m2y send: interrupted; a file not ACKed keeps its .meta (or .failed): send it "
                                         "again to go on where it stopped"], err
     assert meta_path.exists() and not meta_path.with_suffix(".failed").exists()
+    assert out.strip().splitlines() == ["earlier.meta: sent earlier: it is earlier.done now; nothing sent"], out
+
+
+def test_a_meta_that_became_failed_is_named(root: Path, server: ServerProcess) -> None:
+    _, meta_path = make_file(root, 10)
+    failed = meta_path.with_suffix(".failed")
+    meta_path.rename(failed)
+    result = run_send(root, server.port, meta_path)
+    assert result.returncode == 1 and failed.exists()
+    assert result.stderr.strip().splitlines() == [
+        f"{meta_path.name}: FAILED: {meta_path.name} is {failed.name} now (an earlier send did not finish): "
+        f"send {failed.name} to go on"]
 
 Answer = Callable[[bytes, bytes], bytes]  # (filekey, salt) -> the fake server's last words
 

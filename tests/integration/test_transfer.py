@@ -95,6 +95,19 @@ def test_meta_for_a_recipient_whose_key_the_sender_lacks_notes_it(root: Path) ->
         f"m2y meta: note: {key} is not there yet; 'm2y send' needs it (copy mallory's pubKey/mallory.data there)"]
 
 
+def test_meta_beside_an_unfinished_send_of_the_same_file_notes_it(root: Path) -> None:
+    """A new .meta beside the .failed of the same file: sending both would store it twice."""
+    data, meta_path = make_file(root, 10)
+    failed = meta_path.with_suffix(".failed")
+    meta_path.rename(failed)
+    made = subprocess.run([*M2Y, "meta", str(data), "--from", "zhenqiang", "--to", "roland-frei", "--folder", "photo",
+                           "--root", str(root)], capture_output=True, text=True, timeout=30)
+    assert made.returncode == 0 and meta_path.exists() and failed.exists()
+    assert made.stderr.strip().splitlines() == [
+        f"m2y meta: note: {failed} is an earlier send of {data.name} that did not finish; send it (it goes on where "
+        f"it stopped) and remove {meta_path.name}, or send {meta_path.name} and remove it"]
+
+
 def test_metas_made_within_a_second_get_distinct_names(root: Path, server: ServerProcess) -> None:
     """The server names a file <from>_<datetime>: `m2y meta` must not give one sender the same
     datetime twice. The sender's clock is set an hour ahead, so both datetimes can only come from
