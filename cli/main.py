@@ -307,6 +307,10 @@ class _Bars:
             if self._bar is not bar:
                 return
             try:
+                if bar.n == 0 and done < total:  # the first report: what was there before it (a resumed
+                    bar.n = bar.last_print_n = bar.initial = done  # send's kept bytes) is not this run's rate
+                    bar.refresh()
+                    return
                 bar.update(done - bar.n)
                 if done >= total:
                     self.close()

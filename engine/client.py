@@ -113,7 +113,8 @@ def prepare(meta_path: Path, root: Path) -> Prepared:
     try:
         size = data_path.stat().st_size
     except FileNotFoundError:
-        raise ConfigError(f"data file {data_path} not found (named by {meta_path.name})") from None
+        raise ConfigError(f"data file {data_path} not found (named by {meta_path.name}, which must sit beside "
+                          "its file)") from None
     if not data_path.is_file():
         raise ConfigError(f"{data_path} is not a regular file")
     if size != fields["filesize"]:
@@ -272,6 +273,8 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
                               f"{p.own_public_key} into {to}/pubKey/ "
                               "on the server", event.code)
             hint = ""
+            if isinstance(event, RefusedEvent) and event.code == RefuseCode.TOO_LARGE:
+                hint = " (the server's operator sets that limit: m2y serve --max-file-size)"
             if isinstance(event, RefusedEvent) and event.code == RefuseCode.BAD_ENVELOPE:
                 # Sealed to a key the server does not hold: most often a recipient who made new keys.
                 hint = (f" (if {fields['to']} made new keys, your copy of their public key is stale: "
@@ -335,6 +338,8 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
         if progress is not None:
             progress(min((first + count) * BLOCK_SIZE, filesize), filesize)
 
+    if progress is not None and first > 0:  # a resumed send's bar starts at the kept bytes
+        progress(min(first * BLOCK_SIZE, filesize), filesize)
     try:
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()

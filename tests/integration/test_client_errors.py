@@ -19,7 +19,7 @@ from engine.keys import load_private, load_public
 from engine.protocol import NEED_DATA, SERVER_PREFIX, Connection, Event, Kind, Role, refusal_bytes
 from engine.users import private_key_path, public_key_path
 
-from .helpers import M2Y, ServerProcess, make_file, run_send, target
+from .helpers import M2Y, ServerProcess, make_file, run_send, start_server, target
 
 
 def _one_line_failure(result: object, meta_path: Path, *words: str) -> str:
@@ -86,7 +86,19 @@ def test_missing_data_file(root: Path, server: ServerProcess) -> None:
     data, meta_path = make_file(root, 10)
     data.unlink()
     result = run_send(root, server.port, meta_path)
-    _one_line_failure(result, meta_path, "data file", "not found")
+    _one_line_failure(result, meta_path, "data file", "not found", "which must sit beside its file")
+
+
+def test_a_file_over_the_servers_limit_says_who_sets_it(root: Path) -> None:
+    srv = start_server(root, "--max-file-size", "1KB")
+    try:
+        _, meta_path = make_file(root, 2000)
+        result = run_send(root, srv.port, meta_path)
+        line = _one_line_failure(result, meta_path, "limit of 1000", "the server's operator sets that limit: "
+                                 "m2y serve --max-file-size")
+        assert "again later" not in line
+    finally:
+        srv.stop()
 
 
 def test_a_file_name_with_a_line_break_still_gives_one_line(root: Path, server: ServerProcess) -> None:
