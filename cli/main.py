@@ -9,6 +9,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,10 +126,13 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024*
 def _size(text: str) -> int:
     """A byte count, or one with a unit: 5000, 64KiB, 20GB (KB, MB, GB, TB decimal; K, M, G, T and
     KiB, MiB, GiB, TiB binary), as perf/ takes them."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    m = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{1,12})?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (a byte count, or with a unit: 64KiB, 20GB)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    size = Fraction(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]  # exact: no float rounding
+    if size.denominator != 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}")
+    return int(size)
 
 
 def _ranged(args: argparse.Namespace, option: str, lo: float, hi: float, unit: str = "") -> Any:
@@ -241,7 +245,8 @@ def _write_meta(args: argparse.Namespace, home: Path, path: Path) -> Path:
     meta.write_meta_file(out, fields)
     failed = out.with_suffix(".failed")
     try:
-        unfinished = failed.is_file() and meta.read_meta_file(failed)["filename"] == path.name
+        earlier = meta.read_meta_file(failed) if failed.is_file() else None
+        unfinished = earlier is not None and all(earlier[k] == fields[k] for k in ("filename", "filesize", "fileCRC"))
     except ConfigError:
         unfinished = False
     if unfinished:  # sending both would store the file twice, under two datetimes
@@ -307,10 +312,6 @@ class _Bars:
             if self._bar is not bar:
                 return
             try:
-                if bar.n == 0 and done < total:  # the first report: what was there before it (a resumed
-                    bar.n = bar.last_print_n = bar.initial = done  # send's kept bytes) is not this run's rate
-                    bar.refresh()
-                    return
                 bar.update(done - bar.n)
                 if done >= total:
                     self.close()
@@ -345,6 +346,10 @@ def cmd_send(args: argparse.Namespace) -> int:
         """Each file's line as soon as it is settled: a run cut short (Ctrl-C) has said what it finished."""
         if bars is not None:
             bars.close()  # the line goes below the finished bar, not into it
+        with contextlib.suppress(OSError):  # a closed stdout (| head) must not stop the other files
+            _say(r)
+
+    def _say(r: Result) -> None:
         where = f" -> {r.renamed_to.name}" if r.renamed_to else ""
         if r.ok and r.earlier:
             print(one_line(f"{r.meta_path.name}: {r.message}"), flush=True)
@@ -367,9 +372,8 @@ def cmd_send(args: argparse.Namespace) -> int:
             tries = f" after {r.retries} {'retry' if r.retries == 1 else 'retries'}" if r.retries else ""
             later = (f"; send {r.renamed_to.name} again later (it goes on from what the server kept, if anything)"
                      if r.resumable and r.renamed_to else "")
-            with contextlib.suppress(OSError):
-                print(one_line(f"{r.meta_path.name}: FAILED{tries}: {r.message}{where}{later}"), file=sys.stderr,
-                      flush=True)
+            print(one_line(f"{r.meta_path.name}: FAILED{tries}: {r.message}{where}{later}"), file=sys.stderr,
+                  flush=True)
 
     try:
         port, timeout = int(_ranged(args, "port", 1, 65535)), float(_ranged(args, "timeout", 0.1, DAY, SECONDS))

@@ -338,8 +338,6 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
         if progress is not None:
             progress(min((first + count) * BLOCK_SIZE, filesize), filesize)
 
-    if progress is not None and first > 0:  # a resumed send's bar starts at the kept bytes
-        progress(min(first * BLOCK_SIZE, filesize), filesize)
     try:
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()
@@ -566,11 +564,16 @@ def _sent_or_failed_before(meta_path: Path) -> Result | None:
     if meta_path.suffix != ".meta" or meta_path.exists() or meta_path.is_symlink():
         return None
     done, failed = meta_path.with_suffix(".done"), meta_path.with_suffix(".failed")
-    if done.is_file():
-        return Result(meta_path, True, f"sent earlier: it is {done.name} now; nothing sent", earlier=True)
-    if failed.is_file():
+    if failed.is_file():  # the newest send of this name did not finish, whatever older .done there is
         return Result(meta_path, False, f"{meta_path.name} is {failed.name} now (an earlier send did not finish): "
                                         f"send {failed.name} to go on")
+    try:  # a .done counts only if it describes the file beside it as it is now
+        fields = meta.read_meta_file(done)
+        same = (meta_path.parent / fields["filename"]).stat().st_size == fields["filesize"]
+    except (ConfigError, OSError):
+        same = False
+    if same:
+        return Result(meta_path, True, f"sent earlier: it is {done.name} now; nothing sent", earlier=True)
     return None
 
 

@@ -298,7 +298,9 @@ class Server:
             task.add_done_callback(self._tasks.discard)
 
     def _log_busy(self) -> None:
-        self._busy_timer = None
+        if self._busy_timer is not None:  # called directly at a minute's turn: the end-of-minute line is this one
+            self._busy_timer.cancel()
+            self._busy_timer = None
         if self._busy_refusals:
             log.warning("%s REFUSED BUSY: --max-clients %d reached (%d connection(s) refused since the last "
                         "such line; the address is the last one's)", self._busy_peer, self.config.max_clients,

@@ -382,19 +382,20 @@ class Incoming:
             ino = os.fstat(fd).st_ino
             # The record is written outside the lock (its fsyncs must not hold up the loop, which
             # takes the lock to abort or suspend); a commit or a failure meanwhile takes it back.
-            # Under _begins, as Storage.persist writes a kept part's record: a transfer suspended
-            # while this one fsynced has its own, newer record, which this older one must not replace.
-            with self.store._begins:
-                with self._lock:
-                    if self.done or self.committing or self.sync_failed:
-                        return False
+            # Under _records, as Storage.persist writes a kept part's record: a transfer suspended
+            # while this one fsynced has its own, newer record, which this older one must not
+            # replace. The flags are read, not locked: a suspend sets done before its persist is
+            # queued, and _records is taken last, never held while waiting for another lock.
+            with self.store._records:
+                if self.done or self.committing or self.sync_failed:
+                    return False
                 keptpart.write(dir_fd, stem, keptpart.Record(written, crc, keptpart.meta_digest(self.meta_bytes),
                                                              ino))
-                with self._lock:
-                    if self.committing or self.sync_failed or (self.done and not self.kept):
-                        keptpart.remove(dir_fd, stem)
-                        return False
-                    self.recorded = True
+            with self._lock:
+                if self.committing or self.sync_failed or (self.done and not self.kept):
+                    keptpart.remove(dir_fd, stem)
+                    return False
+                self.recorded = True
             return True
         except OSError as exc:
             if self.sync_failed:
@@ -728,6 +729,8 @@ def _take_back(dir_fd: int, stem: str, st: os.stat_result, names: set[str], path
         if fst.st_size != record.written:  # bytes written after the record: not vouched for
             os.ftruncate(fd, record.written)
             os.fsync(fd)
+            log.info("%s.part: cut from %d to %d B, what its record vouches for (bytes after it are sent again)",
+                     one_line(str(path / stem)), fst.st_size, record.written)
             fst = os.fstat(fd)
         own_dir = os.dup(dir_fd)
     except OSError:
@@ -807,6 +810,7 @@ class Storage:
         # ... one at a time: a loser must not rmdir a folder a winner uses (re-entrant: a failing
         # begin cleans up under it; an abort elsewhere leaves new folders if a begin is running)
         self._begins = threading.RLock()
+        self._records = threading.Lock()  # around writing a .resume record; taken last, held for nothing else
 
     def reserved(self) -> int:
         return sum(max(t.filesize - t.written, 0) for t in list(self._active.values()))
@@ -1025,8 +1029,9 @@ class Storage:
                 with self._table:
                     if self._partial.get(key) is not partial:
                         return False
-                keptpart.write(dir_fd, partial.stem, keptpart.Record(partial.written, partial.crc,
-                                                                     partial.meta_sha256, st.st_ino))
+                with self._records:  # never interleaved with a checkpoint's older record
+                    keptpart.write(dir_fd, partial.stem, keptpart.Record(partial.written, partial.crc,
+                                                                         partial.meta_sha256, st.st_ino))
                 partial.persisted = True
         except OSError as exc:
             log.warning("%s: cannot record its kept part on disk (it will not outlive a restart): %s", one_line(key),

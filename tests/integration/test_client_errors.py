@@ -230,9 +230,16 @@ def test_an_interrupted_send_says_how_to_go_on(root: Path) -> None:
 
 
 def test_a_meta_that_became_failed_is_named(root: Path, server: ServerProcess) -> None:
-    _, meta_path = make_file(root, 10)
+    data, meta_path = make_file(root, 10)
+    done = meta_path.with_suffix(".done")
+    meta_path.rename(done)
+    data.write_bytes(b"changed since")  # a .done of the file as it was: not this file's send
+    stale = run_send(root, server.port, meta_path)
+    assert stale.returncode == 1 and "no such .meta file" in stale.stderr, stale.stderr
+    done.rename(meta_path)
     failed = meta_path.with_suffix(".failed")
     meta_path.rename(failed)
+    done.write_bytes(failed.read_bytes())  # an older .done too: the newest send, the .failed, is what counts
     result = run_send(root, server.port, meta_path)
     assert result.returncode == 1 and failed.exists()
     assert result.stderr.strip().splitlines() == [

@@ -271,6 +271,14 @@ def test_serve_refuses_an_out_of_range_option_in_one_line(root: Path, option: st
     assert served.stderr.strip().splitlines() == [f"m2y serve: {line}"]
 
 
+@pytest.mark.parametrize(("value", "why"), [("1.5", "not a whole number of bytes"), ("0.1KiB", "not a whole number"),
+                                            ("10X", "not a size"), ("9" * 40, "not a size")])
+def test_sizes_are_exact_whole_bytes(root: Path, value: str, why: str) -> None:
+    served = subprocess.run([*M2Y, "serve", "--root", str(root), "--port", "0", "--max-file-size", value],
+                            capture_output=True, text=True, timeout=30)
+    assert served.returncode == 2 and why in served.stderr, served.stderr
+
+
 def test_a_replaced_recipient_key_is_used_without_a_restart(root: Path, server: ServerProcess) -> None:
     """``m2y keygen --force`` gives the recipient a new key pair while the server runs: the next send,
     sealed to the new public key, goes through (the server used to keep the old private key until

@@ -1155,7 +1155,7 @@ def test_expiry_removes_a_kept_part_whose_meta_is_gone(root: Path) -> None:
     assert not with_suffix(target(root), ".part").exists()
 
 
-def test_sweep_removes_records_that_vouch_for_nothing(root: Path) -> None:
+def test_sweep_removes_records_that_vouch_for_nothing(root: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A record whose .part is gone, or whose .part names another inode, goes (with that .part and
     its .meta); a temp record goes; with ``kept`` absent (--keep-partial 0) even a good one goes."""
     from engine import keptpart
@@ -1191,7 +1191,9 @@ def test_sweep_removes_records_that_vouch_for_nothing(root: Path) -> None:
         (photo / f"{other}.meta").write_bytes(meta_bytes)
         ino = (photo / f"{other}.part").stat().st_ino
         keptpart.write(fd, other, keptpart.Record(65536, 7, good.meta_sha256, ino))
-        assert sweep_leftovers(root, kept) == [] and len(kept) == 1
+        with caplog.at_level("INFO", logger="m2y.storage"):
+            assert sweep_leftovers(root, kept) == [] and len(kept) == 1
+        assert f"{other}.part: cut from 65546 to 65536 B, what its record vouches for" in caplog.text
         key, partial = kept[0]
         assert key == str(photo / other) and (partial.written, partial.crc, partial.persisted) == (65536, 7, True)
         assert (photo / f"{other}.part").stat().st_size == 65536  # cut to what the record vouches for
