@@ -236,10 +236,26 @@ async def _connect(host: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
-def _refused(event: Event, hint: str = "") -> Refused:
-    if isinstance(event, RefusedEvent):
-        return Refused(f"server refused: {one_line(event.reason)}{hint}", event.code)
-    return Refused(f"server sent {type(event).__name__} unexpectedly", 0)
+def _refused(event: Event, p: Prepared) -> Refused:
+    """The server's refusal as the user reads it: its reason, and what to do where we know more."""
+    if not isinstance(event, RefusedEvent):
+        return Refused(f"server sent {type(event).__name__} unexpectedly", 0)
+    sender, to = p.fields["from"], p.fields["to"]
+    if event.code == RefuseCode.UNKNOWN_SENDER:  # the server names only a hash; we know the names
+        return Refused(f"server refused: {to} there has no usable public key of {sender}; copy your "
+                       f"{p.own_public_key} into {to}/pubKey/ on the server", event.code)
+    hint: dict[int, str] = {
+        RefuseCode.TOO_LARGE: " (the server's operator sets that limit: m2y serve --max-file-size)",
+        # Sealed to a key the server does not hold: most often a recipient who made new keys.
+        RefuseCode.BAD_ENVELOPE: f" (if {to} made new keys, your copy of their public key is stale: "
+                                 f"copy their new pubKey/{to}.data into your pubKey/)",
+        # Usually the file is not the one its .meta describes; the server's reason says which
+        # check failed, and only the user knows whether the change was meant. (Local names are
+        # printed through one_line, like every line.)
+        RefuseCode.BAD_CRC: f" (if {p.data_path.name} was changed on purpose since its .meta was written, "
+                            "run 'm2y meta' again)",
+    }
+    return Refused(f"server refused: {one_line(event.reason)}{hint.get(event.code, '')}", event.code)
 
 
 Progress = Callable[[int, int], None]  # (plaintext bytes handed to the socket so far, filesize), per batch
@@ -266,20 +282,7 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
             pass  # the server may have refused at once; its reason is what we read next
         event = await ch.next()
         if not isinstance(event, Reply):
-            if isinstance(event, RefusedEvent) and event.code == RefuseCode.UNKNOWN_SENDER:
-                # The server names only a hash; we know the names, and what the user has to do.
-                sender, to = fields["from"], fields["to"]
-                raise Refused(f"server refused: {to} there has no usable public key of {sender}; copy your "
-                              f"{p.own_public_key} into {to}/pubKey/ "
-                              "on the server", event.code)
-            hint = ""
-            if isinstance(event, RefusedEvent) and event.code == RefuseCode.TOO_LARGE:
-                hint = " (the server's operator sets that limit: m2y serve --max-file-size)"
-            if isinstance(event, RefusedEvent) and event.code == RefuseCode.BAD_ENVELOPE:
-                # Sealed to a key the server does not hold: most often a recipient who made new keys.
-                hint = (f" (if {fields['to']} made new keys, your copy of their public key is stale: "
-                        f"copy their new pubKey/{fields['to']}.data into your pubKey/)")
-            raise _refused(event, hint)
+            raise _refused(event, p)
         plain = envelope.open_(p.private_key, event.envelope, envelope.aad(envelope.REPLY, from_hash, to_hash))
         filekey, salt, received, first = meta.check_reply(sent, plain)
         if received == meta.SAME_FILE:  # the server's own word (the reply echoes our nonce): durable there
@@ -303,16 +306,10 @@ async def send_one(p: Prepared, host: str, port: int, timeout: float = DEFAULT_T
                 event = await ch.next(timeout=5)  # the server may have refused mid-file: say why
             except ConnectionLost:
                 raise lost from None
-            raise _refused(event) from None
+            raise _refused(event, p) from None
         event = await ch.next(timeout=max(timeout * 10, 600))  # ACK follows an fsync of the whole file
         if not isinstance(event, Ack):
-            hint = ""
-            if isinstance(event, RefusedEvent) and event.code == RefuseCode.BAD_CRC:
-                # Usually the file is not the one its .meta describes; the server's reason says
-                # which check failed, and only the user knows whether the change was meant.
-                hint = (f" (if {p.data_path.name} was changed on purpose since its .meta was written, "
-                        "run 'm2y meta' again)")  # printed through one_line, like every local name
-            raise _refused(event, hint)
+            raise _refused(event, p)
         ack_size, ack_crc = cipher.open_ack(event.sealed)
         if (ack_size, ack_crc) != (filesize, crc):
             raise RemoteProtocolError("ACK names another size or CRC than what was sent")
