@@ -65,9 +65,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     _add_root(p)
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
-    p.add_argument("--max-file-size", type=_size, default=DEFAULT_MAX_FILE_SIZE,
+    p.add_argument("--max-file-size", type=parse_size, default=DEFAULT_MAX_FILE_SIZE,
                    help="largest file accepted: bytes, or with a unit (20GB, 64GiB; default 64GiB)")
-    p.add_argument("--max-meta", type=_size, default=DEFAULT_MAX_ENVELOPE,
+    p.add_argument("--max-meta", type=parse_size, default=DEFAULT_MAX_ENVELOPE,
                    help="largest metadata envelope: bytes, or with a unit (default 64KiB)")
     p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
                    help=f"seconds a client may stay silent mid-transfer (default {DEFAULT_IDLE_TIMEOUT:g})")
@@ -123,9 +123,9 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024*
                "t": 1024**4, "tib": 1024**4, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
 
 
-def _size(text: str) -> int:
+def parse_size(text: str) -> int:
     """A byte count, or one with a unit: 5000, 64KiB, 20GB (KB, MB, GB, TB decimal; K, M, G, T and
-    KiB, MiB, GiB, TiB binary), as perf/ takes them."""
+    KiB, MiB, GiB, TiB binary); perf/ parses its sizes with it too."""
     m = re.fullmatch(r"\s*(\d{1,30}(?:\.\d{1,12})?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (a byte count, or with a unit: 64KiB, 20GB)")

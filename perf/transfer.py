@@ -49,6 +49,9 @@ from typing import IO, Any
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from cli.main import parse_size as _parse_size  # noqa: E402 - m2y's own size parser, from the repo
+
 RESULTS = REPO / "perf" / "results"
 PY = sys.executable
 M2Y = [PY, "-m", "cli"]
@@ -66,20 +69,10 @@ class BenchError(Exception):
 
 # -- small helpers -------------------------------------------------------------------------------
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
-    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
-    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
-}
-
-
 def parse_size(text: str) -> int:
-    """'256MiB', '1GiB', '64M', '1000000' -> bytes (K/M/G alone are binary, KB/MB/GB decimal)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256MiB, 1GiB or a byte count)")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """'256MiB', '1GiB', '64M', '1000000' -> bytes, as m2y's own options take them (K/M/G alone and
+    KiB/MiB/GiB binary, KB/MB/GB decimal); positive."""
+    n = _parse_size(text)
     if n <= 0:
         raise argparse.ArgumentTypeError("size must be positive")
     return n
