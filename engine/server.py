@@ -723,11 +723,8 @@ class _Session:
 
 
 def _peer_name(addr: Any) -> str:
-    """``host:port`` of a client, for the log (``[v6]:port`` for IPv6)."""
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host = str(addr[0])
-        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
-    return "?"
+    """``host:port`` of a client (the listener is IPv4), for the log."""
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else "?"
 
 
 def serve(config: ServerConfig, on_listening: Any = None) -> None:
