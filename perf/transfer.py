@@ -11,6 +11,10 @@ alternating round by round:
 * raw: a receiver process (accept, ``recv_into`` a 1 MiB buffer, write to a new file)
   and a sender process (read 1 MiB, ``sendall``), both new each round, timed from the
   sender's ``connect`` to the receiver's file closed (CLOCK_MONOTONIC is shared).
+* gcm: the raw copy plus the least an encrypted copy must do, with m2y's primitives and no
+  protocol: the sender seals each 64 KiB block in place with AES-128-GCM, the receiver opens it
+  in place and takes the CRC-64 of the plaintext, as m2y's server does. m2y/gcm near 1 means
+  m2y's own code costs nothing above its cryptography; gcm/raw is what the cryptography costs.
 * scp: ``scp -c aes128-gcm@openssh.com`` to a loopback sshd this script starts with its
   own host key and authorized_keys, where sshd and scp exist; else skipped.
 
@@ -30,6 +34,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import select
 import shutil
 import signal
@@ -644,6 +649,96 @@ print(sent, t0, flush=True)
 """
 
 
+# The same copy with the least an encrypted one must add, m2y's primitives without its protocol:
+# the sender seals each 64 KiB block in place with AES-128-GCM (cryptography's encrypt_into, a
+# 12-byte nonce per block as m2y's), the receiver opens it in place (decrypt_into) and takes the
+# CRC-64/XZ of the plaintext (fastcrc), as m2y's server does. No handshake, framing or event loop.
+# Where m2y/gcm is near 1, m2y adds nothing above the cost of the cryptography on this machine,
+# and gcm/raw is the most an encrypted copy can reach here with one thread per end.
+GCM_COMMON = r"""
+import os, socket, sys, time
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+B, N, T = 65536, 16, 16
+F = B + T
+KEY, SALT = bytes.fromhex(sys.argv[3]), bytes.fromhex(sys.argv[4])
+slot = bytearray(N * F)
+mv = memoryview(slot)
+frames = [mv[i * F:(i + 1) * F] for i in range(N)]
+"""
+
+GCM_RECEIVER_CODE = GCM_COMMON + r"""
+import fastcrc
+crc64 = fastcrc.crc64.xz
+open_ = AESGCM(KEY).decrypt_into
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(1)
+print(ls.getsockname()[1], flush=True)
+conn, _ = ls.accept()
+total = index = crc = 0
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+eof = False
+while not eof:
+    got = 0
+    while got < N * F:
+        n = conn.recv_into(mv[got:])
+        if not n:
+            eof = True
+            break
+        got += n
+    plains = []
+    for i in range(-(-got // F)):
+        frame = frames[i][: min(F, got - i * F)]
+        plain = frame[: len(frame) - T]
+        open_(SALT + index.to_bytes(8, "big"), frame, None, plain)
+        crc = crc64(plain, crc)
+        plains.append(plain)
+        index += 1
+    want = sum(len(p) for p in plains)
+    done = os.writev(fd, plains) if plains else 0
+    while done < want:  # a short writev: the rest block by block
+        at = done
+        for p in plains:
+            if at < len(p):
+                done += os.write(fd, p[at:])
+                break
+            at -= len(p)
+    total += want
+os.fsync(fd)
+os.close(fd)
+print(total, time.monotonic(), crc, flush=True)
+"""
+
+GCM_SENDER_CODE = GCM_COMMON + r"""
+seal = AESGCM(KEY).encrypt_into
+plains = [f[:B] for f in frames]
+fd = os.open(sys.argv[1], os.O_RDONLY)
+s = socket.socket()
+t0 = time.monotonic()
+s.connect(("127.0.0.1", int(sys.argv[2])))
+sent = index = 0
+while True:
+    got = 0
+    while got < N * B:
+        i, at = divmod(got, B)
+        n = os.readv(fd, [plains[i][at:], *plains[i + 1:]])
+        if not n:
+            break
+        got += n
+    if not got:
+        break
+    blocks = -(-got // B)
+    for i in range(blocks):
+        size = min(B, got - i * B)
+        seal(SALT + index.to_bytes(8, "big"), frames[i][:size], None, frames[i][: size + T])
+        index += 1
+    s.sendall(mv[: got + T * blocks])
+    sent += got
+s.close()
+print(sent, t0, flush=True)
+"""
+
+
 @dataclass
 class Bench:
     h: Harness
@@ -653,6 +748,7 @@ class Bench:
     server: M2YServer
     ssh: Sshd | None = None
     out_dir: Path = field(default_factory=Path)
+    src_crc: int | None = None  # CRC-64/XZ of src, for the gcm copy's check
 
 
 def round_m2y(b: Bench, r: int, verify: bool) -> dict[str, Any]:
@@ -691,26 +787,31 @@ def round_m2y(b: Bench, r: int, verify: bool) -> dict[str, Any]:
     }
 
 
-def round_raw(b: Bench, r: int, verify: bool) -> dict[str, Any]:
-    dst = b.out_dir / f"raw-r{r}.bin"
-    recv = b.h.popen([PY, "-c", RECEIVER_CODE, dst], "raw receiver", stdout=subprocess.PIPE,
-                     stderr=b.h.open(b.h.tmp / f"raw-recv-{r}.err"))
+def _round_copy(b: Bench, r: int, verify: bool, what: str, codes: tuple[str, str],
+                extra: Sequence[str] = ()) -> tuple[dict[str, Any], list[str]]:
+    """One copy by two fresh Python processes, timed from the sender's connect to the receiver's file closed."""
+    recv_code, send_code = codes
+    tag = what.split()[0]
+    dst = b.out_dir / f"{tag}-r{r}.bin"
+    recv_err, send_err = b.h.tmp / f"{tag}-recv-{r}.err", b.h.tmp / f"{tag}-send-{r}.err"
+    recv = b.h.popen([PY, "-c", recv_code, dst, "0", *extra], f"{what} receiver", stdout=subprocess.PIPE,
+                     stderr=b.h.open(recv_err))
     b.h.sampler.watch(recv.pid)
-    port = int(read_line(recv.popen, 30, "raw receiver"))
-    send = b.h.popen([PY, "-c", SENDER_CODE, b.src, str(port)], "raw sender", stdout=subprocess.PIPE,
-                     stderr=b.h.open(b.h.tmp / f"raw-send-{r}.err"))
+    port = int(read_line(recv.popen, 30, f"{what} receiver"))
+    send = b.h.popen([PY, "-c", send_code, b.src, str(port), *extra], f"{what} sender", stdout=subprocess.PIPE,
+                     stderr=b.h.open(send_err))
     b.h.sampler.watch(send.pid)
     su = send.wait(b.h.sampler)
     ru = recv.wait(b.h.sampler)
     if su.returncode or ru.returncode:
-        errs = [(b.h.tmp / f"raw-{w}-{r}.err").read_text(errors="replace")[-500:] for w in ("send", "recv")]
-        raise BenchError(f"raw copy failed (sender {su.returncode}, receiver {ru.returncode}): {errs}")
+        errs = [e.read_text(errors="replace")[-500:] for e in (send_err, recv_err)]
+        raise BenchError(f"{what} failed (sender {su.returncode}, receiver {ru.returncode}): {errs}")
     sent, t_connect = read_rest(send.popen).split()
-    got, t_closed = read_rest(recv.popen).split()
+    got, t_closed, *rest = read_rest(recv.popen).split()
     if int(sent) != b.size or int(got) != b.size:
-        raise BenchError(f"raw copy moved {sent}/{got} bytes, not {b.size}")
+        raise BenchError(f"{what} moved {sent}/{got} bytes, not {b.size}")
     seconds = float(t_closed) - float(t_connect)
-    check_copy(b.src, dst, "raw", verify)
+    check_copy(b.src, dst, what, verify)
     dst.unlink()
     return {
         "mb_s": mbps(b.size, seconds),
@@ -720,7 +821,27 @@ def round_raw(b: Bench, r: int, verify: bool) -> dict[str, Any]:
         "server_cpu_s": ru.cpu_s,
         "client_peak_rss_mib": su.peak_rss_mib,
         "server_peak_rss_mib": ru.peak_rss_mib,
-    }
+    }, rest
+
+
+def round_raw(b: Bench, r: int, verify: bool) -> dict[str, Any]:
+    return _round_copy(b, r, verify, "raw copy", (RECEIVER_CODE, SENDER_CODE))[0]
+
+
+def round_gcm(b: Bench, r: int, verify: bool) -> dict[str, Any]:
+    key, salt = secrets.token_hex(16), secrets.token_hex(4)  # fresh each round: no key/nonce reuse
+    res, rest = _round_copy(b, r, verify, "gcm copy", (GCM_RECEIVER_CODE, GCM_SENDER_CODE), (key, salt))
+    if b.src_crc is None:
+        import fastcrc
+
+        with open(b.src, "rb") as f:
+            crc = 0
+            while chunk := f.read(CHUNK):
+                crc = fastcrc.crc64.xz(chunk, crc)
+        b.src_crc = crc
+    if rest != [str(b.src_crc)]:
+        raise BenchError(f"gcm copy: receiver's CRC-64 {rest} is not the file's {b.src_crc}")
+    return res
 
 
 class Sshd:
@@ -819,6 +940,7 @@ ROWS = [  # (method, key, label)
     ("m2y", "reported_mb_s", "m2y send, as printed (.meta read to ACK)"),
     ("m2y", "server_logged_mb_s", "m2y serve, as logged (data phase + fsync)"),
     ("raw", "mb_s", "raw TCP copy (connect to file closed)"),
+    ("gcm", "mb_s", "raw copy + AES-GCM and CRC-64 (same timing)"),
     ("scp", "mb_s", "scp -c aes128-gcm, wall"),
 ]
 
@@ -854,6 +976,11 @@ def print_report(med: dict[str, dict[str, float | None]], ratios: dict[str, Any]
     per_round = ratios.get("m2y_raw_per_round")
     if isinstance(per_round, list) and per_round:
         print("  m2y/raw round by round (as printed): " + " ".join(fmt(x, ".2f") for x in per_round))
+    print(f"  m2y/gcm = {fmt(ratios['m2y_gcm'], '.2f')} (m2y as printed against the raw copy with AES-GCM and CRC: "
+          f"what m2y adds above its cryptography)   gcm/raw = {fmt(ratios['gcm_raw'], '.2f')} "
+          "(what the cryptography costs here)")
+    print("  m2y/gcm round by round: " + " ".join(fmt(x, ".2f") for x in ratios["m2y_gcm_per_round"]))
+    print("  gcm/raw round by round: " + " ".join(fmt(x, ".2f") for x in ratios["gcm_raw_per_round"]))
     if ratios.get("m2y_scp") is not None:
         print(f"  m2y/scp = {fmt(ratios['m2y_scp'], '.2f')} (m2y as printed)   "
               f"{fmt(ratios['m2y_wall_scp'], '.2f')} (m2y wall; scp is wall too)")
@@ -901,7 +1028,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out_dir.mkdir()
         server = M2YServer(h, root)
         b = Bench(h, root, src, size, server, out_dir=out_dir)
-        methods = ["m2y", "raw"]
+        methods = ["m2y", "raw", "gcm"]
         scp_note = "disabled (--no-scp)" if args.no_scp else ""
         found = find_ssh() if not args.no_scp else "disabled"
         if isinstance(found, tuple):
@@ -915,11 +1042,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             scp_note = found
         if "scp" not in methods:
             print(f"scp: skipped ({scp_note})")
-        runners = {"m2y": round_m2y, "raw": round_raw, "scp": round_scp}
+        runners = {"m2y": round_m2y, "raw": round_raw, "gcm": round_gcm, "scp": round_scp}
         if not args.no_warmup:
             # Untimed: the first fresh GiB a VM's process touches costs far more than later ones.
             round_m2y(b, 0, False)
             round_raw(b, 0, False)
+            round_gcm(b, 0, False)
             print("warm-up round (untimed): done", flush=True)
         rounds: list[dict[str, Any]] = []
         for r in range(1, args.rounds + 1):
@@ -931,11 +1059,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             m, raw = row["m2y"], row["raw"]
             print(f"round {r}: m2y {m['mb_s']:.1f} MB/s wall, {m['reported_mb_s']:.1f} printed "
                   f"(client CPU {m['client_cpu_s']:.2f} s, server {m['server_cpu_s']:.2f} s); "
-                  f"raw {raw['mb_s']:.1f} MB/s" + (f"; scp {row['scp']['mb_s']:.1f} MB/s" if "scp" in row else ""),
+                  f"raw {raw['mb_s']:.1f} MB/s; gcm copy {row['gcm']['mb_s']:.1f} MB/s"
+                  + (f"; scp {row['scp']['mb_s']:.1f} MB/s" if "scp" in row else ""),
                   flush=True)
         server.stop()
     med = summarize(rounds, methods)
     raw_med = med["raw"].get("mb_s")
+    gcm_med = med["gcm"].get("mb_s")
     scp_med = med.get("scp", {}).get("mb_s")
     ratios: dict[str, Any] = {
         "m2y_raw": ratio(med["m2y"].get("reported_mb_s"), raw_med),
@@ -945,6 +1075,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Each round's m2y against the raw copy of the same round (run next to it): another view
         # of the noise; the gate and README use the ratio of medians above.
         "m2y_raw_per_round": [ratio(r["m2y"]["reported_mb_s"], r["raw"]["mb_s"]) for r in rounds],
+        # The gcm copy is the raw copy plus the cryptography m2y cannot leave out: m2y/gcm is what
+        # m2y's own code costs, gcm/raw what AES-GCM and the CRC cost on this machine.
+        "m2y_gcm": ratio(med["m2y"].get("reported_mb_s"), gcm_med),
+        "gcm_raw": ratio(gcm_med, raw_med),
+        "m2y_gcm_per_round": [ratio(r["m2y"]["reported_mb_s"], r["gcm"]["mb_s"]) for r in rounds],
+        "gcm_raw_per_round": [ratio(r["gcm"]["mb_s"], r["raw"]["mb_s"]) for r in rounds],
     }
     print_report(med, ratios, args.rounds)
     result: dict[str, Any] = {
