@@ -500,59 +500,101 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
             if (after := _sent_or_failed_before(meta_path)) is not None:  # the same command run again
                 settled(after)
                 continue
-            already, resumed_at, attempt, resumable = False, 0, 0, False
-            prepared: Prepared | None = None
-            lost_at: float | None = None
-            while True:
-                started = time.monotonic()  # the rate is of the last try
-                try:
-                    if prepared is None:
-                        prepared = prepare(meta_path, root)
-                    sent = await send_one(prepared, host, port, timeout, batch, pool=pool,
-                                          progress=_lazy(progress, meta_path))
-                    ok, message, nbytes = True, "ACK", sent.nbytes
-                    already, resumed_at = sent.already, sent.resumed_at
-                except M2YError as exc:
-                    now = time.monotonic()
-                    if isinstance(exc, ConnectionLost) and not isinstance(exc, CannotConnect):
-                        lost_at = now
-                    if retries > 0 and still_held(exc, lost_at, now):
-                        wait = min(retry_wait(first_wait, attempt), HOLD_WAIT)
-                        if on_retry is not None:
-                            on_retry(meta_path, exc.reason, wait, 0)
-                        await asyncio.sleep(wait)
-                        continue
-                    if attempt < retries and retryable(exc, attempt):
-                        wait = retry_wait(first_wait, attempt)
-                        attempt += 1
-                        if on_retry is not None:
-                            on_retry(meta_path, exc.reason, wait, attempt)
-                        await asyncio.sleep(wait)
-                        continue
-                    ok, message, nbytes = False, exc.reason, 0
-                    resumable = retryable(exc, attempt)  # not a server that was never there
-                except OSError as exc:
-                    ok, message, nbytes = False, f"I/O error: {exc.strerror or exc}", 0
-                break
-            seconds = time.monotonic() - started
-            renamed = None
-            if meta_path.is_file():
-                suffix = ".done" if ok else ".failed"
-                try:
-                    renamed = settle(meta_path, suffix)
-                except OSError as exc:  # say so for this file and go on with the others
-                    did = "the server ACKed it" if ok else message
-                    why = exc.strerror or exc
-                    ok, message = False, f"{did}, but {meta_path.name} cannot become {meta_path.stem}{suffix}: {why}"
-            settled(Result(meta_path, ok, message, renamed, nbytes, seconds, already, resumed_at, attempt,
-                           resumable and renamed is not None))
+            held = _hold(meta_path)
+            if isinstance(held, Result):
+                settled(held)
+                continue
+            try:
+                settled(await _send(meta_path, pool))
+            finally:
+                if held is not None:
+                    os.close(held)  # releases the lock, after the .meta is renamed
         return results
+
+    async def _send(meta_path: Path, pool: WorkerPool | None) -> Result:
+        """One file, tried again as ``retryable`` allows, then renamed .done or .failed."""
+        already, resumed_at, attempt, resumable = False, 0, 0, False
+        ok, message, nbytes = False, "", 0  # each try sets them
+        prepared: Prepared | None = None
+        lost_at: float | None = None
+        while True:
+            started = time.monotonic()  # the rate is of the last try
+            try:
+                if prepared is None:
+                    prepared = prepare(meta_path, root)
+                sent = await send_one(prepared, host, port, timeout, batch, pool=pool,
+                                      progress=_lazy(progress, meta_path))
+                ok, message, nbytes = True, "ACK", sent.nbytes
+                already, resumed_at = sent.already, sent.resumed_at
+            except M2YError as exc:
+                now = time.monotonic()
+                if isinstance(exc, ConnectionLost) and not isinstance(exc, CannotConnect):
+                    lost_at = now
+                if retries > 0 and still_held(exc, lost_at, now):
+                    wait = min(retry_wait(first_wait, attempt), HOLD_WAIT)
+                    if on_retry is not None:
+                        on_retry(meta_path, exc.reason, wait, 0)
+                    await asyncio.sleep(wait)
+                    continue
+                if attempt < retries and retryable(exc, attempt):
+                    wait = retry_wait(first_wait, attempt)
+                    attempt += 1
+                    if on_retry is not None:
+                        on_retry(meta_path, exc.reason, wait, attempt)
+                    await asyncio.sleep(wait)
+                    continue
+                ok, message, nbytes = False, exc.reason, 0
+                resumable = retryable(exc, attempt)  # not a server that was never there
+            except OSError as exc:
+                ok, message, nbytes = False, f"I/O error: {exc.strerror or exc}", 0
+            break
+        seconds = time.monotonic() - started
+        renamed = None
+        if meta_path.is_file():
+            suffix = ".done" if ok else ".failed"
+            try:
+                renamed = settle(meta_path, suffix)
+            except OSError as exc:  # say so for this file and go on with the others
+                did = "the server ACKed it" if ok else message
+                why = exc.strerror or exc
+                ok, message = False, f"{did}, but {meta_path.name} cannot become {meta_path.stem}{suffix}: {why}"
+        return Result(meta_path, ok, message, renamed, nbytes, seconds, already, resumed_at, attempt,
+                      resumable and renamed is not None)
 
     import uvloop
 
     results: list[Result] = []
     uvloop.run(run())
     return results
+
+
+def _hold(meta_path: Path) -> int | Result | None:
+    """Lock ``meta_path`` (flock) for the whole of its send, so that a second ``m2y send`` of it at the
+    same time (another terminal, a cron job) leaves it alone instead of racing the first: the one
+    that failed would rename it .failed under the one that got the ACK. Returns the descriptor that
+    holds the lock; a Result if another send holds it, or renamed the .meta meanwhile; None where
+    there is nothing to lock (``prepare`` says why it cannot read it) or the file system has no locks."""
+    try:
+        fd = os.open(meta_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return Result(meta_path, False, f"another m2y send is sending {meta_path.name} right now: left to it "
+                                        "(it renames it .done or .failed when it ends)")
+    except OSError:  # no locks here (some network file systems): unguarded, as before
+        return fd
+    try:  # that other send may have ended, and renamed it, between our open and our lock
+        same = os.path.samestat(os.fstat(fd), os.stat(meta_path))
+    except OSError:
+        same = False
+    if not same:
+        os.close(fd)
+        return _sent_or_failed_before(meta_path) or Result(
+            meta_path, False, f"{meta_path.name} was renamed by another m2y send as this one started: left to it")
+    return fd
 
 
 def _sent_or_failed_before(meta_path: Path) -> Result | None:

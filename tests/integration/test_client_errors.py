@@ -229,6 +229,35 @@ def test_an_interrupted_send_says_how_to_go_on(root: Path) -> None:
     assert out.strip().splitlines() == ["earlier.meta: sent earlier: it is earlier.done now; nothing sent"], out
 
 
+def test_a_second_send_of_a_meta_being_sent_leaves_it_to_the_first(root: Path, server: ServerProcess) -> None:
+    """Two `m2y send` of one .meta at once: the second leaves it alone, in one line, instead of racing
+    the first (the one that gave up first renamed it .failed under the one that got the ACK)."""
+    data, meta_path = make_file(root, 1000)
+    with socket.socket() as listener:  # the first send's server accepts and never answers: it waits
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        first = subprocess.Popen([*M2Y, "send", str(meta_path), "--root", str(root), "--port",
+                                  str(listener.getsockname()[1]), "--retries", "0"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                second = run_send(root, server.port, meta_path, timeout=60)
+                assert second.returncode == 1 and second.stdout == "", second
+                assert second.stderr.strip().splitlines() == [
+                    "myfoto.meta: FAILED: another m2y send is sending myfoto.meta right now: left to it (it renames "
+                    "it .done or .failed when it ends)"], second.stderr
+                assert meta_path.exists() and not meta_path.with_suffix(".failed").exists()
+                assert not list((root / "roland-frei").glob("photo/*.data"))  # nothing reached the server
+        finally:
+            first.kill()
+            first.wait(10)
+    assert meta_path.exists()  # killed: the first renamed nothing; the lock went with it
+    again = run_send(root, server.port, meta_path)
+    assert again.returncode == 0 and "ACK" in again.stdout, again
+    assert target(root, meta.read_meta_file(meta_path.with_suffix(".done"))).read_bytes() == data.read_bytes()
+
+
 def test_a_meta_that_became_failed_is_named(root: Path, server: ServerProcess) -> None:
     data, meta_path = make_file(root, 10)
     done = meta_path.with_suffix(".done")

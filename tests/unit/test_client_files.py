@@ -99,3 +99,45 @@ def test_settle_undoes_its_link_when_the_old_name_cannot_go(tmp_path: Path, monk
         settle(meta, ".done")
     monkeypatch.undo()
     assert meta.read_text() == "m" and not (tmp_path / "a.done").exists()  # one name, as before
+
+
+def test_hold_locks_the_meta_until_its_descriptor_closes(tmp_path: Path) -> None:
+    import fcntl
+
+    from engine.client import Result, _hold
+
+    meta_path = tmp_path / "a.meta"
+    meta_path.write_text("{}")
+    fd = _hold(meta_path)
+    assert isinstance(fd, int)
+    try:
+        other = _hold(meta_path)  # a second send (flock is per open file, so this process counts)
+        assert isinstance(other, Result) and not other.ok and "right now" in other.message
+    finally:
+        os.close(fd)
+    with open(meta_path) as f:  # released with its descriptor
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert _hold(tmp_path / "gone.meta") is None  # nothing to lock: prepare() says why
+
+
+@pytest.mark.parametrize("became", [".done", ".failed"])
+def test_hold_when_another_send_renamed_the_meta_as_it_opened_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 became: str) -> None:
+    import fcntl
+
+    from engine import client, meta
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    meta_path = tmp_path / "a.meta"
+    meta.write_meta_file(meta_path, meta.make("zhenqiang", "roland-frei", "photo", "a.jpg", 1, 0))
+    real = fcntl.flock
+
+    def flock_after_the_other_ended(fd: int, op: int) -> None:
+        meta_path.rename(meta_path.with_suffix(became))  # the other send ended between our open and our lock
+        real(fd, op)
+
+    monkeypatch.setattr(client.fcntl, "flock", flock_after_the_other_ended)
+    held = client._hold(meta_path)
+    assert isinstance(held, client.Result)
+    assert held.ok == (became == ".done"), held
+    assert (f"it is a{became} now" if became == ".done" else "is a.failed now") in held.message, held.message
