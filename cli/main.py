@@ -213,7 +213,10 @@ def cmd_meta(args: argparse.Namespace) -> int:
     failed = False
     for path in files:
         try:
-            print(f"wrote {_write_meta(args, home, path)}")
+            out, written = _write_meta(args, home, path)
+            print(f"wrote {out}" if written else one_line(
+                f"kept {out}: it is the .meta of this file as it is now, to the same recipient and folder, not "
+                "sent yet (a send of it that was cut off goes on where it stopped); remove it to make a new one"))
         except ConfigError as exc:
             if len(files) == 1:
                 raise
@@ -222,7 +225,7 @@ def cmd_meta(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
-def _write_meta(args: argparse.Namespace, home: Path, path: Path) -> Path:
+def _write_meta(args: argparse.Namespace, home: Path, path: Path) -> tuple[Path, bool]:
     from engine import meta
     from engine.crc import crc64
 
@@ -242,7 +245,7 @@ def _write_meta(args: argparse.Namespace, home: Path, path: Path) -> Path:
     when = meta.issue_datetime(home)  # after the read: a file that cannot be read takes no datetime
     fields = meta.make(args.sender, args.recipient, args.folder, path.name, size, crc, when)
     out = meta.meta_path_for(path)
-    meta.write_meta_file(out, fields)
+    written = meta.write_meta_file(out, fields)
     failed = out.with_suffix(".failed")
     try:
         earlier = meta.read_meta_file(failed) if failed.is_file() else None
@@ -253,7 +256,7 @@ def _write_meta(args: argparse.Namespace, home: Path, path: Path) -> Path:
         print(one_line(f"m2y meta: note: {failed} is an earlier send of {path.name} that did not finish; send it "
                        f"(it goes on where it stopped) and remove {out.name}, or send {out.name} and remove it"),
               file=sys.stderr)
-    return out
+    return out, written
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -278,14 +281,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def listening(server: Server) -> None:
         names = ", ".join(sorted(n for n, _ in server.keys.users.values())) or "none yet"
-        print(f"m2y serve: listening on {config.host}:{server.port} (users: {names}; "
-              f"workers: {config.workers})", flush=True)
+        line = f"listening on {config.host}:{server.port} (users: {names}; workers: {config.workers})"
+        print(f"m2y serve: {line}", flush=True)
+        logging.getLogger("m2y.server").info("%s", line)  # the log (stderr) too: where it starts, and its port
 
     try:
         serve(config, listening)
     except OSError as exc:  # not the port (that is a ConfigError already): say what it was
         raise ConfigError(f"server stopped by an I/O error: {exc.strerror or exc}") from None
     print("m2y serve: stopped", flush=True)
+    logging.getLogger("m2y.server").info("stopped")
     return 0
 
 
@@ -299,10 +304,10 @@ class _Bars:
         self._tqdm = tqdm
         self._bar: Any = None
 
-    def __call__(self, meta_path: Path, total: int) -> Callable[[int, int], None]:
+    def __call__(self, meta_path: Path, total: int, start: int) -> Callable[[int, int], None]:
         self.close()
-        try:
-            bar = self._tqdm(desc=one_line(meta_path.name), total=total, unit="B", unit_scale=True,
+        try:  # a resumed send's bar starts at the kept bytes, which its rate leaves out
+            bar = self._tqdm(desc=one_line(meta_path.name), total=total, initial=start, unit="B", unit_scale=True,
                              unit_divisor=1000, mininterval=0.25, leave=True, file=sys.stderr, dynamic_ncols=True)
         except OSError:  # stderr gone (a closed pipe): the transfer goes on without a bar
             return lambda done, total: None
@@ -389,7 +394,22 @@ def cmd_send(args: argparse.Namespace) -> int:
 COMMANDS = {"keygen": cmd_keygen, "meta": cmd_meta, "serve": cmd_serve, "send": cmd_send}
 
 
+def _std_fds() -> None:
+    """Put /dev/null where stdin, stdout or stderr is closed (a cron job, a supervisor, ``>&-``):
+    else the next socket or file opened takes that number, and uvloop aborts the process (a libuv
+    assertion, exit 134) when it closes it, after every file was sent."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def _run(args: argparse.Namespace) -> int:
+    _std_fds()
     try:
         return COMMANDS[args.command](args)
     except M2YError as exc:

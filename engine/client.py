@@ -42,6 +42,7 @@ from .errors import (
     ConfigError,
     ConnectionLost,
     M2YError,
+    MalformedMeta,
     ProtocolError,
     RefuseCode,
     Refused,
@@ -255,6 +256,8 @@ def _refused(event: Event, p: Prepared) -> Refused:
         RefuseCode.BAD_CRC: f" (if {p.data_path.name} was changed on purpose since its .meta was written, "
                             "run 'm2y meta' again)",
     }
+    if event.code == RefuseCode.UNKNOWN_RECIPIENT and "with hash" in event.reason:  # we know the name
+        hint[event.code] = f" (that is {to}: the server has no home with a usable private key for them)"
     return Refused(f"server refused: {one_line(event.reason)}{hint.get(event.code, '')}", event.code)
 
 
@@ -326,6 +329,8 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
     queued: collections.deque[tuple[int, int]] = collections.deque()  # (first block, count) per batch
     total = block_count(filesize)
     index = first
+    if progress is not None and index < total:  # where it starts: a resumed send's kept bytes are not its rate
+        progress(min(first * BLOCK_SIZE, filesize), filesize)
 
     async def send_oldest() -> None:
         slot, _, _ = await ring.result()  # sealing takes no CRC: only the slot matters
@@ -361,16 +366,17 @@ async def _stream(ch: _Channel, path: Path, ring: Ring, filesize: int, batch: in
         ring.close()
 
 
-def _lazy(factory: Callable[[Path, int], Progress] | None, meta_path: Path) -> Progress | None:
-    """A Progress made on its first call: a file the server already holds, or one refused before its
-    first batch, never shows a bar."""
+def _lazy(factory: Callable[[Path, int, int], Progress] | None, meta_path: Path) -> Progress | None:
+    """A Progress made on its first call, ``factory(meta_path, filesize, done)``, which ``_stream``
+    makes before its first batch (``done``: the bytes a resumed send finds kept): a file the server
+    already holds, or one refused before its data, never shows a bar."""
     if factory is None:
         return None
     made: list[Progress] = []
 
     def report(done: int, total: int) -> None:
         if not made:
-            made.append(factory(meta_path, total))
+            made.append(factory(meta_path, total, done))
         made[0](done, total)
 
     return report
@@ -461,15 +467,17 @@ OnRetry = Callable[[Path, str, float, int], None]  # (meta_path, why, seconds to
 
 def send_files(metas: list[Path], root: Path, host: str, port: int,
                timeout: float = DEFAULT_TIMEOUT, workers: int = 0, batch: int = DEFAULT_BATCH,
-               progress: Callable[[Path, int], Progress] | None = None, retries: int = DEFAULT_RETRIES,
+               progress: Callable[[Path, int, int], Progress] | None = None, retries: int = DEFAULT_RETRIES,
                first_wait: float = DEFAULT_RETRY_WAIT, on_retry: OnRetry | None = None,
                on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Send each .meta in turn; rename it .done on ACK, .failed otherwise. ``progress(meta_path,
-    filesize)``, if given, is called once a file's first batch is sent and returns what hears of
-    each batch of it. A file whose try fails ``retryable``-ly is tried again, up to ``retries``
-    more times, after ``retry_wait`` seconds; a BUSY while the server ``still_held`` the broken
-    connection is waited out besides; ``on_retry`` hears of each. ``on_result`` hears of each file
-    as soon as it is settled (so that an interrupted run has said what it finished)."""
+    filesize, start)``, if given, is called as a file's data begins (``start``: the bytes the server
+    kept of an interrupted send) and returns what hears of each batch of it. A file whose try fails
+    ``retryable``-ly is tried again, up to ``retries`` more times, after ``retry_wait`` seconds; a BUSY
+    while the server ``still_held`` the broken connection is waited out besides; ``on_retry`` hears of
+    each. ``on_result`` hears of each file as soon as it is settled (so that an interrupted run has said
+    what it finished).
+    """
 
     async def run() -> list[Result]:
         pool = WorkerPool(workers) if workers > 0 else None
@@ -545,6 +553,8 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
                     continue
                 ok, message, nbytes = False, exc.reason, 0
                 resumable = retryable(exc, attempt)  # not a server that was never there
+                if isinstance(exc, MalformedMeta):  # maybe not m2y's at all: not ours to rename
+                    return Result(meta_path, False, f"{exc.reason}; not sent, left as it is")
             except OSError as exc:
                 ok, message, nbytes = False, f"I/O error: {exc.strerror or exc}", 0
             break

@@ -27,6 +27,7 @@ class RefuseCode(enum.IntEnum):
     BAD_CRC = 13
     TIMEOUT = 14
     INTERNAL = 15
+    KEPT = 16
 
 
 class M2YError(Exception):
@@ -39,6 +40,11 @@ class M2YError(Exception):
 
 class ConfigError(M2YError):
     """A local problem the user can fix: a missing key, a bad argument, a malformed .meta."""
+
+
+class MalformedMeta(ConfigError):
+    """A .meta that does not parse as m2y metadata: damaged by hand, or not m2y's at all (a Unity
+    asset's .meta, a data file named *.meta caught by a glob). Never renamed: it is not ours to."""
 
 
 class ProtocolError(M2YError):

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .crc import crc64
-from .errors import ConfigError, RefuseCode, RemoteProtocolError
+from .errors import ConfigError, MalformedMeta, RefuseCode, RemoteProtocolError
 from .users import check_user
 
 FIELDS = ("from", "to", "folder", "datetime", "filename", "filesize", "fileCRC", "metaCRC")
@@ -80,6 +80,9 @@ def safe_folder(folder: object) -> str:
         raise RemoteProtocolError(f"folder {folder!r} contains '..' or '.'", RefuseCode.UNSAFE_PATH)
     if not parts or any(p.startswith(".") for p in parts):
         raise RemoteProtocolError(f"folder {folder!r} has a hidden component", RefuseCode.UNSAFE_PATH)
+    if long := [p for p in parts if len(p.encode("utf-8", "surrogatepass")) > MAX_FILENAME_LEN]:
+        raise RemoteProtocolError(f"folder part {long[0][:40]!r}... is longer than {MAX_FILENAME_LEN} bytes, more "
+                                  "than a file system takes for one name", RefuseCode.UNSAFE_PATH)
     if parts[0].lower() in KEY_FOLDERS:
         raise RemoteProtocolError(f"folder {folder!r} would write into the key folder {parts[0]!r}",
                                   RefuseCode.UNSAFE_PATH)
@@ -258,7 +261,7 @@ def read_meta_file(path: Path) -> dict[str, Any]:
     try:
         return parse(data)
     except RemoteProtocolError as exc:
-        raise ConfigError(f"{path}: malformed .meta: {exc.reason}; mend it, or run 'm2y meta' on its file "
+        raise MalformedMeta(f"{path}: malformed .meta: {exc.reason}; mend it, or run 'm2y meta' on its file "
                           "again") from None
 
 
@@ -272,14 +275,19 @@ def meta_path_for(data_path: Path) -> Path:
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 
 
-def write_meta_file(path: Path, fields: Mapping[str, Any]) -> None:
-    """Write a .meta atomically; never replace one that describes another file.
+def write_meta_file(path: Path, fields: Mapping[str, Any]) -> bool:
+    """Write a .meta atomically; never replace one that describes another file or another send.
 
     ``a.txt`` and ``a.bin`` share the name ``a.meta``: the second would silently take over the
-    first's .meta and the first would never be sent. Rewriting the .meta of the same file is fine.
+    first's .meta and the first would never be sent. A .meta there is not sent yet (a sent one is
+    a .done): one for another recipient or folder is refused (it would silently never be sent);
+    one for the same file as it is now, to the same place, is kept (False), so that a send of it
+    that was cut off still goes on where it stopped; one of an older version of the file is replaced.
     A new .meta is hard-linked into place, which fails if one appeared meanwhile.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # own name: runs at once never share it
+    # Its own short name: runs at once never share it, and a .meta name that fits (255 bytes) never
+    # fails for the temporary's being longer.
+    tmp = path.with_name(f".m2y-{secrets.token_hex(6)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     except OSError as exc:
@@ -290,22 +298,26 @@ def write_meta_file(path: Path, fields: Mapping[str, Any]) -> None:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            _check_same_file(path, fields["filename"])
+            if not _replaceable(path, fields):
+                return False
             os.replace(tmp, path)
         except OSError as exc:
             if exc.errno not in _NO_HARD_LINKS:
                 raise
-            if path.exists():  # FAT, some network file systems: no link, so check, then replace
-                _check_same_file(path, fields["filename"])
+            if path.exists() and not _replaceable(path, fields):  # FAT, some network file systems: no link
+                return False
             os.replace(tmp, path)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+    return True
 
 
-def _check_same_file(path: Path, filename: str) -> None:
+def _replaceable(path: Path, fields: Mapping[str, Any]) -> bool:
+    """May the .meta at ``path`` give way to ``fields``? ConfigError if it must stay and be said."""
+    filename = fields["filename"]
     try:
         old = json.loads(path.read_bytes())
         named = old.get("filename") if isinstance(old, dict) else None
@@ -316,6 +328,11 @@ def _check_same_file(path: Path, filename: str) -> None:
                           f"rename one of them ({filename!r} or {named!r}) and run 'm2y meta' on it")
     if named != filename:
         raise ConfigError(f"{path} already exists and is not a .meta this command wrote; move it away first")
+    if any(old.get(k) != fields[k] for k in ("from", "to", "folder")):  # the same file, another send
+        raise ConfigError(f"{path} is the .meta of {filename!r} to {old.get('to')!r} (folder {old.get('folder')!r}), "
+                          f"not sent yet: send it first (it becomes .done), or move it away, then run 'm2y meta' "
+                          f"again")
+    return bool(old.get("filesize") != fields["filesize"] or old.get("fileCRC") != fields["fileCRC"])
 
 
 def add_reply_fields(fields: Mapping[str, Any], received: int = NEW,

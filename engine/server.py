@@ -86,6 +86,9 @@ def as_failure(exc: BaseException) -> M2YError:
     if isinstance(exc, M2YError):
         return exc
     why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    name = exc.filename if isinstance(exc, OSError) else None
+    if isinstance(name, (str, bytes)):  # which file or folder: its last part only, no server paths to the client
+        why += f": {one_line(os.path.basename(os.fsdecode(name)))}"
     return LocalProtocolError(f"server I/O error: {why}", RefuseCode.INTERNAL)
 
 
@@ -123,6 +126,7 @@ class KeyRing:
         self.users: dict[int, tuple[str, rsa.RSAPrivateKey]] = {}
         self._cache: dict[Path, tuple[tuple[int, ...], rsa.RSAPrivateKey | rsa.RSAPublicKey | None]] = {}
         self._scanned = -1e9
+        self._said: set[Path] = set()  # homes whose being skipped the log has said
         self.scan()
 
     def _load(self, path: Path, private: bool) -> rsa.RSAPrivateKey | rsa.RSAPublicKey | None:
@@ -152,6 +156,13 @@ class KeyRing:
                 try:
                     name = check_user(home.name)
                 except M2YError:
+                    continue
+                if home.is_symlink():  # storage refuses to write through it: say so now, not per send
+                    if home not in self._said:
+                        self._said.add(home)
+                        log.warning("skipping user %s: its home %s is a symbolic link, which m2y does not write "
+                                    "through; make it a real folder (a bind mount, if it must live on another disk)",
+                                    name, home)
                     continue
                 path = home / "privateKey" / f"{name}.data"
                 key = self._load(path, True) if path.is_file() else None

@@ -938,7 +938,7 @@ class Storage:
                 raise RemoteProtocolError(
                     f"{folder}/{stem}: the part of an interrupted send is kept for a resend of the same "
                     f".meta; another .meta under this name is refused until it expires (a new .meta, "
-                    f"from m2y meta, gives the file another name)", RefuseCode.BUSY)
+                    f"from m2y meta, gives the file another name)", RefuseCode.KEPT)
             if partial is not None:
                 incoming.written, incoming.resume_crc = partial.written, partial.crc  # checked on disk below
             free = psutil.disk_usage(str(incoming.data_path.parent)).free - self.reserved()

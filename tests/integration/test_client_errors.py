@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from engine import envelope, meta
 from engine.blocks import CRC_FRAME_LEN, BlockCipher, wire_size
 from engine.errors import RefuseCode
@@ -133,12 +135,23 @@ def test_file_content_changed(root: Path, server: ServerProcess) -> None:
     assert not target(root, fields, ".part").exists()
 
 
+def _left_as_it_is(result: object, meta_path: Path, before: bytes, *words: str) -> None:
+    """A .meta that does not parse is refused in one line and never renamed: it may not be m2y's."""
+    from subprocess import CompletedProcess
+
+    assert isinstance(result, CompletedProcess) and result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{meta_path.name}: FAILED: "), result.stderr
+    assert lines[0].endswith("; not sent, left as it is") and all(w in lines[0] for w in words), lines[0]
+    assert meta_path.read_bytes() == before and not meta_path.with_suffix(".failed").exists()
+
+
 def test_malformed_meta(root: Path, server: ServerProcess) -> None:
     _, meta_path = make_file(root, 10)
     meta_path.write_text('{"from": "zhenqiang", "to": ')
     result = run_send(root, server.port, meta_path)
-    _one_line_failure(result, meta_path, "malformed .meta: metadata is not valid JSON (Expecting value at line 1 "
-                      "column 29); mend it, or run 'm2y meta' on its file again")
+    _left_as_it_is(result, meta_path, meta_path.read_bytes(), "malformed .meta: metadata is not valid JSON "
+                   "(Expecting value at line 1 column 29); mend it, or run 'm2y meta' on its file again")
 
 
 def test_meta_with_bad_crc(root: Path, server: ServerProcess) -> None:
@@ -147,7 +160,30 @@ def test_meta_with_bad_crc(root: Path, server: ServerProcess) -> None:
     fields["filesize"] = 11  # edited by hand without a new metaCRC
     meta_path.write_bytes(meta.to_json(fields))
     result = run_send(root, server.port, meta_path)
-    _one_line_failure(result, meta_path, "malformed .meta", "metaCRC")
+    _left_as_it_is(result, meta_path, meta_path.read_bytes(), "malformed .meta", "metaCRC")
+
+
+def test_files_named_meta_that_are_not_m2ys_are_left_as_they_are(root: Path, server: ServerProcess) -> None:
+    """``m2y send photo/*.meta`` catches a Unity asset's .meta and a data file named capture.meta
+    (whose own .meta is capture.meta.meta): they used to be renamed .failed, the data file too
+    after its own .meta had been sent."""
+    home = root / "zhenqiang" / "photo"
+    home.mkdir(parents=True)
+    unity = home / "Player.cs.meta"
+    unity.write_text("fileFormatVersion: 2\nguid: 1234\n")
+    capture = home / "capture.meta"
+    capture.write_bytes(os.urandom(5000))
+    made = subprocess.run([*M2Y, "meta", str(capture), "--from", "zhenqiang", "--to", "roland-frei", "--folder",
+                           "photo", "--root", str(root)], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and "capture.meta.meta" in made.stdout, made
+    before = {p: p.read_bytes() for p in (unity, capture)}
+    result = run_send(root, server.port, home / "capture.meta.meta", capture, unity)
+    assert result.returncode == 1
+    assert result.stdout.strip().splitlines()[0].startswith("capture.meta.meta: ACK"), result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.endswith("; not sent, left as it is") for line in lines), lines
+    assert {p: p.read_bytes() for p in (unity, capture)} == before
+    assert sorted(p.name for p in home.iterdir()) == ["Player.cs.meta", "capture.meta", "capture.meta.done"]
 
 
 def test_missing_meta_file(root: Path, server: ServerProcess) -> None:
@@ -255,6 +291,18 @@ def test_a_second_send_of_a_meta_being_sent_leaves_it_to_the_first(root: Path, s
     assert meta_path.exists()  # killed: the first renamed nothing; the lock went with it
     again = run_send(root, server.port, meta_path)
     assert again.returncode == 0 and "ACK" in again.stdout, again
+    assert target(root, meta.read_meta_file(meta_path.with_suffix(".done"))).read_bytes() == data.read_bytes()
+
+
+@pytest.mark.parametrize("closed", [0, 1])
+def test_a_send_with_stdin_or_stdout_closed_ends_well(root: Path, server: ServerProcess, closed: int) -> None:
+    """As a cron job or supervisor may start it: it used to send everything, then abort (exit 134, a
+    libuv assertion) when uvloop closed a socket that had taken fd 0 or 1."""
+    data, meta_path = make_file(root, 100_000)
+    proc = subprocess.run([*M2Y, "send", str(meta_path), "--root", str(root), "--port", str(server.port)],
+                          capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.close(closed))
+    assert proc.returncode == 0, proc
+    assert proc.stderr == "" and ("ACK" in proc.stdout) == (closed != 1), proc
     assert target(root, meta.read_meta_file(meta_path.with_suffix(".done"))).read_bytes() == data.read_bytes()
 
 

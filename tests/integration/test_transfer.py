@@ -86,7 +86,8 @@ def test_meta_command_then_send(root: Path, server: ServerProcess) -> None:
 def test_meta_for_a_recipient_whose_key_the_sender_lacks_notes_it(root: Path) -> None:
     """The .meta is written (the key may be copied before the send), with one line saying what the
     send will need: the error would otherwise come only at send time."""
-    data, _ = make_file(root, 10)
+    data, to_roland = make_file(root, 10)
+    to_roland.unlink()  # else kept as an unsent .meta to another recipient: refused (its own test)
     made = subprocess.run([*M2Y, "meta", str(data), "--from", "zhenqiang", "--to", "mallory", "--folder", "x",
                            "--root", str(root)], capture_output=True, text=True, timeout=30)
     assert made.returncode == 0 and data.with_suffix(".meta").exists()
@@ -304,6 +305,30 @@ def test_a_replaced_recipient_key_is_used_without_a_restart(root: Path, server: 
     assert "the private key of roland-frei on this server cannot be used; the server's log says why" in refused.stderr
     assert "skipping key" in server.log() and "roland-frei.data" in server.log()
 
+def test_a_home_that_is_a_symlink_is_said_at_start_and_not_served(root: Path) -> None:
+    """A recipient's home moved to another disk and symlinked back: the server used to list that user
+    at start and then refuse every send to them (storage does not write through a symlink). It now
+    says so at start, once, in its log, where it starts and stops too."""
+    moved = root.parent / "otherdisk"
+    moved.mkdir()
+    home = root / "roland-frei"
+    home.rename(moved / "roland-frei")
+    home.symlink_to(moved / "roland-frei")
+    srv = start_server(root)
+    try:
+        _, meta_path = make_file(root, 10)
+        refused = run_send(root, srv.port, meta_path)
+        assert refused.returncode == 1 and "no user with hash" in refused.stderr, refused.stderr
+        assert "(that is roland-frei: the server has no home with a usable private key for them)" in refused.stderr
+    finally:
+        assert srv.stop() == 0
+    log = srv.log()
+    listening = re.search(rf"listening on 127\.0\.0\.1:{srv.port} \(users: ([^;]*); workers: \d+\)", log)
+    assert listening and "zhenqiang" in listening[1].split(", ") and "roland-frei" not in listening[1], log
+    assert log.count(f"skipping user roland-frei: its home {home} is a symbolic link") == 1, log
+    assert log.rstrip().endswith("stopped"), log
+
+
 def test_progress_bar(root: Path, server: ServerProcess) -> None:
     """--progress draws one bar per file on stderr, ending at 100% of the file's size; without it (and
     stderr not a terminal, as here) stderr stays empty; a file the server already holds gets no bar."""
@@ -323,6 +348,28 @@ def test_progress_bar(root: Path, server: ServerProcess) -> None:
     quiet = run_send(root, server.port, meta2)
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert target(root, meta.read_meta_file(meta2.with_suffix(".done"))).read_bytes() == data2.read_bytes()
+
+
+def test_a_resumed_sends_bar_starts_at_the_kept_bytes(root: Path, server: ServerProcess) -> None:
+    """The bar of a send that resumes starts where the server's kept part ends, and the kept bytes
+    do not count in its rate (it started at 0 and jumped, with a rate of GB/s)."""
+    size = 5 * 2**20
+    data, meta_path = make_file(root, size)
+    fields = meta.read_meta_file(meta_path)
+    hs = handshake(root, server.port, fields)
+    hs.client.sendall(sealed_frames(hs.cipher, data.read_bytes())[: 3 * 16 * (BLOCK_SIZE + 16)])
+    part = target(root, fields, ".part")
+    assert wait_until(lambda: part.exists() and part.stat().st_size >= 3 * 2**20)
+    hs.client.close()
+    assert wait_until(lambda: "for a resend" in server.log())
+    shown = run_send(root, server.port, meta_path, extra=("--progress",))
+    assert shown.returncode == 0 and f"resumed at {3 * 2**20}" in shown.stdout, shown
+    frames = [f.strip() for f in shown.stderr.replace("\r", "\n").splitlines() if f.strip()]
+    assert frames[0].startswith("myfoto.meta:  60%"), frames
+    assert f"{3 * 2**20 / 1e6:.2f}M/{size / 1e6:.2f}M" in frames[0], frames
+    assert "?B/s" in frames[0], frames  # no rate before its own bytes
+    assert frames[-1].startswith("myfoto.meta: 100%"), frames
+    assert target(root, fields).read_bytes() == data.read_bytes()
 
 
 def test_server_start_removes_what_a_crash_left(root: Path) -> None:
@@ -392,6 +439,33 @@ def test_meta_of_several_files_at_once(root: Path, server: ServerProcess) -> Non
         assert target(root, f).read_bytes() == (src / name).read_bytes()
 
 
+def test_meta_again_keeps_an_unsent_meta_and_refuses_another_recipient(root: Path, server: ServerProcess) -> None:
+    """`m2y meta` of a file whose .meta is not sent yet: to another recipient it is refused (replacing
+    it, the first recipient silently got nothing); the same again keeps the .meta, so that the send
+    it started goes on where it stopped (it started from byte 0)."""
+    data, meta_path = make_file(root, 3 * 2**20)
+    fields = meta.read_meta_file(meta_path)
+    hs = handshake(root, server.port, fields)
+    hs.client.sendall(sealed_frames(hs.cipher, data.read_bytes())[: 2 * 16 * (BLOCK_SIZE + 16)])
+    assert wait_until(lambda: target(root, fields, ".part").exists())
+    hs.client.close()  # cut off: the server keeps what came
+    assert wait_until(lambda: "for a resend" in server.log())
+    base = ["--from", "zhenqiang", "--folder", "photo", "--root", str(root)]
+    other = subprocess.run([*M2Y, "meta", str(data), "--to", "mallory", *base], capture_output=True, text=True,
+                           timeout=60)
+    assert other.returncode == 2 and other.stdout == "", other
+    assert other.stderr.strip().splitlines()[-1] == (
+        f"m2y meta: {meta_path} is the .meta of 'myfoto.jpg' to 'roland-frei' (folder 'photo'), not sent yet: send it "
+        "first (it becomes .done), or move it away, then run 'm2y meta' again")
+    same = subprocess.run([*M2Y, "meta", str(data), "--to", "roland-frei", *base], capture_output=True, text=True,
+                          timeout=60)
+    assert same.returncode == 0 and same.stdout.startswith(f"kept {meta_path}: it is the .meta of this file"), same
+    assert meta.read_meta_file(meta_path) == fields
+    sent = run_send(root, server.port, meta_path)
+    assert sent.returncode == 0 and f"resumed at {2 * 2**20}" in sent.stdout, sent
+    assert target(root, fields).read_bytes() == data.read_bytes()
+
+
 def test_meta_of_odd_files_fails_each_on_its_own_line(root: Path) -> None:
     """A name that is not UTF-8 is one line (not a traceback), a file named twice gets one .meta,
     a failed file takes no datetime; a missing home is said once, before any file is read."""
@@ -424,6 +498,37 @@ def test_an_interrupted_send_resumes_where_it_broke_off(root: Path, workers: str
         _interrupt_and_resume(root, server)
     finally:
         server.stop()
+
+
+def test_another_meta_under_a_kept_name_fails_at_once_and_says_what_to_do(root: Path,
+                                                                        server: ServerProcess) -> None:
+    """Another .meta under the name of a kept part (one sender's two machines gave the same
+    datetime): refused KEPT, which no retry clears before the part expires (it was BUSY, tried 3
+    times over 7 s, and the file then told to 'send the .failed again later')."""
+    data, meta_path = make_file(root, 5 * 2**20)
+    fields = meta.read_meta_file(meta_path)
+    hs = handshake(root, server.port, fields)
+    hs.client.sendall(sealed_frames(hs.cipher, data.read_bytes())[: 2 * 16 * (BLOCK_SIZE + 16)])
+    part = target(root, fields, ".part")
+    assert wait_until(lambda: part.exists() and part.stat().st_size >= 2**20)
+    hs.client.close()
+    assert wait_until(lambda: "for a resend" in server.log())
+    other = data.with_name("other.bin")  # the same sender and datetime, another file
+    other.write_bytes(os.urandom(1000))
+    other_meta = other.with_suffix(".meta")
+    meta.write_meta_file(other_meta, meta.with_crc(dict(fields, filename="other.bin", filesize=1000,
+                                                         fileCRC=crc64(other.read_bytes()))))
+    started = time.monotonic()
+    sent = run_send(root, server.port, other_meta)
+    assert sent.returncode == 1 and time.monotonic() - started < 5, sent  # not retried
+    assert sent.stderr.strip().splitlines() == [
+        f"other.meta: FAILED: server refused: photo/zhenqiang_{fields['datetime']}: the part of an interrupted send is "
+        "kept for a resend of the same .meta; another .meta under this name is refused until it expires (a new "
+        ".meta, from m2y meta, gives the file another name) -> other.failed"], sent.stderr
+    assert wait_until(lambda: "REFUSED KEPT" in server.log()), server.log()
+    again = run_send(root, server.port, meta_path)  # the kept part's own .meta still resumes
+    assert again.returncode == 0 and "resumed at 2097152" in again.stdout, again
+    assert target(root, fields).read_bytes() == data.read_bytes()
 
 
 def _interrupt_and_resume(root: Path, server: ServerProcess) -> None:

@@ -271,6 +271,8 @@ def test_parse_rejects_unsafe_folder(folder: str) -> None:
         "",
         "a" * 1025,
         "é" * 513,  # 1026 bytes in UTF-8
+        "a" * 256,  # one part longer than a file system's name
+        "b/" + "é" * 128,  # a 256-byte part in UTF-8
         "a\nb",
         "a\tb",
         "a\x1fb",
@@ -290,7 +292,8 @@ def test_safe_folder_rejects_non_strings(folder: object) -> None:
 
 
 @pytest.mark.parametrize(
-    "folder", ["photo", "a/b/c", "фото", "a b", "a..b", "a.", "x-y_z", "a" * 1024, "/".join(["d"] * 300)]
+    "folder", ["photo", "a/b/c", "фото", "a b", "a..b", "a.", "x-y_z", "/".join(["a" * 255] * 4), "é" * 127,
+               "/".join(["d"] * 300)]
 )
 def test_safe_folder_accepts(folder: str) -> None:
     assert meta.safe_folder(folder) == folder
@@ -674,3 +677,36 @@ def test_issue_datetime_is_distinct_across_processes_at_once(tmp_path: Path) -> 
     with multiprocessing.get_context("fork").Pool(8) as pool:
         got = pool.map(_issue_in_process, [str(tmp_path)] * 24, chunksize=1)
     assert len(set(got)) == 24
+
+
+def test_write_meta_file_keeps_an_unsent_meta_of_another_send_or_of_the_same(tmp_path: Path) -> None:
+    """A .meta there is not sent yet: one to another recipient or folder is refused (replaced, it was
+    silently never sent); one of the same file as it is now, to the same place, is kept (replaced, a
+    send of it that was cut off started again from byte 0); one of an older version is replaced."""
+    out = tmp_path / "x.meta"
+    to_bob = meta.make("zhenqiang", "roland-frei", "t", "x.bin", 10, 7, when=WHEN)
+    meta.write_meta_file(out, to_bob)
+    for other in (meta.make("zhenqiang", "carol", "t", "x.bin", 10, 7), meta.make("zhenqiang", "roland-frei",
+                                                                                  "u", "x.bin", 10, 7)):
+        with pytest.raises(ConfigError, match=r"is the \.meta of 'x\.bin' to 'roland-frei' \(folder 't'\), not sent "
+                           r"yet: send it first \(it becomes \.done\), or move it away, then run 'm2y meta' again"):
+            meta.write_meta_file(out, other)
+        assert meta.read_meta_file(out) == to_bob
+    later = meta.make("zhenqiang", "roland-frei", "t", "x.bin", 10, 7)  # another datetime, the same file
+    assert later["datetime"] != to_bob["datetime"]
+    assert meta.write_meta_file(out, later) is False
+    assert meta.read_meta_file(out) == to_bob
+    changed = meta.make("zhenqiang", "roland-frei", "t", "x.bin", 10, 8)
+    assert meta.write_meta_file(out, changed) is True
+    assert meta.read_meta_file(out) == changed
+    assert [p.name for p in tmp_path.iterdir()] == ["x.meta"]  # no temporary left
+
+
+def test_write_meta_file_takes_every_name_whose_meta_name_fits(tmp_path: Path) -> None:
+    """The temporary's name is short: a 250-byte file name (a 251-byte .meta name) used to fail with
+    'File name too long' because the temporary's was 18 bytes longer than the .meta's."""
+    name = "a" * 246 + ".bin"
+    out = meta.meta_path_for(tmp_path / name)
+    assert len(out.name.encode()) == 251
+    assert meta.write_meta_file(out, meta.make("zhenqiang", "roland-frei", "p", name, 1, 0)) is True
+    assert meta.read_meta_file(out)["filename"] == name

@@ -1049,7 +1049,7 @@ def test_other_metadata_under_a_kept_name_is_busy(root: Path) -> None:
     _cut_short(store, 5 * B, 2)
     with pytest.raises(RemoteProtocolError) as exc:
         store.begin(dict(fields(5 * B), fileCRC=1))
-    refusal(exc, RefuseCode.BUSY)
+    refusal(exc, RefuseCode.KEPT)
     assert "kept for a resend" in exc.value.reason and "a new .meta" in exc.value.reason
     assert with_suffix(target(root), ".part").stat().st_size == 2 * B
     again = store.begin(fields(5 * B))
