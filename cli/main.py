@@ -345,7 +345,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         what = (f"retry {number} of {retries} in {wait:g} s" if number else
                 f"the server may still hold the broken connection (until its idle timeout); again in {wait:g} s")
         with contextlib.suppress(OSError):  # like the bars: a closed stderr never fails a transfer
-            print(one_line(f"{meta_path.name}: {why}; {what}"), file=sys.stderr, flush=True)
+            print(one_line(f"{meta_path}: {why}; {what}"), file=sys.stderr, flush=True)
 
     def settled(r: Result) -> None:
         """Each file's line as soon as it is settled: a run cut short (Ctrl-C) has said what it finished."""
@@ -357,27 +357,27 @@ def cmd_send(args: argparse.Namespace) -> int:
     def _say(r: Result) -> None:
         where = f" -> {r.renamed_to.name}" if r.renamed_to else ""
         if r.ok and r.earlier:
-            print(one_line(f"{r.meta_path.name}: {r.message}"), flush=True)
+            print(one_line(f"{r.meta_path}: {r.message}"), flush=True)
         elif r.ok and r.already and r.retries:
-            print(one_line(f"{r.meta_path.name}: ACK, the server holds these {r.nbytes} bytes: they arrived before "
+            print(one_line(f"{r.meta_path}: ACK, the server holds these {r.nbytes} bytes: they arrived before "
                            f"the connection broke, and only the ACK was lost; nothing sent again{where}"), flush=True)
         elif r.ok and r.already:
-            print(one_line(f"{r.meta_path.name}: ACK, the server already holds these {r.nbytes} bytes from an "
+            print(one_line(f"{r.meta_path}: ACK, the server already holds these {r.nbytes} bytes from an "
                            f"earlier send (whose ACK did not arrive); nothing sent again{where}"), flush=True)
         elif r.ok and r.resumed_at:
             sent = r.nbytes - r.resumed_at
             rate = sent / max(r.seconds, 1e-9) / 1e6
-            print(one_line(f"{r.meta_path.name}: ACK, {r.nbytes} bytes, resumed at {r.resumed_at}: {sent} sent "
+            print(one_line(f"{r.meta_path}: ACK, {r.nbytes} bytes, resumed at {r.resumed_at}: {sent} sent "
                            f"in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"), flush=True)
         elif r.ok:
             rate = r.nbytes / max(r.seconds, 1e-9) / 1e6
-            print(one_line(f"{r.meta_path.name}: ACK, {r.nbytes} bytes in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"),
+            print(one_line(f"{r.meta_path}: ACK, {r.nbytes} bytes in {r.seconds:.2f} s ({rate:.1f} MB/s){where}"),
                   flush=True)
         else:
             tries = f" after {r.retries} {'retry' if r.retries == 1 else 'retries'}" if r.retries else ""
             later = (f"; send {r.renamed_to.name} again later (it goes on from what the server kept, if anything)"
                      if r.resumable and r.renamed_to else "")
-            print(one_line(f"{r.meta_path.name}: FAILED{tries}: {r.message}{where}{later}"), file=sys.stderr,
+            print(one_line(f"{r.meta_path}: FAILED{tries}: {r.message}{where}{later}"), file=sys.stderr,
                   flush=True)
 
     try:

@@ -393,7 +393,7 @@ def not_sendable(meta_path: Path) -> str | None:
     if meta_path.suffix == ".done":
         return (f"{meta_path.name} was sent and ACKed already; to send its file again, "
                 "run 'm2y meta' on the file and send the new .meta")
-    return (f"{meta_path} is not a .meta file: not sent, left as it is (only a .meta that 'm2y meta' wrote, "
+    return (f"not a .meta file: not sent, left as it is (only a .meta that 'm2y meta' wrote, "
             f"or the .failed it became, is sent: {meta_path.with_suffix('.meta').name}?)")
 
 

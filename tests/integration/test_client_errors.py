@@ -141,7 +141,7 @@ def _left_as_it_is(result: object, meta_path: Path, before: bytes, *words: str) 
 
     assert isinstance(result, CompletedProcess) and result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{meta_path.name}: FAILED: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"{meta_path}: FAILED: "), result.stderr
     assert lines[0].endswith("; not sent, left as it is") and all(w in lines[0] for w in words), lines[0]
     assert meta_path.read_bytes() == before and not meta_path.with_suffix(".failed").exists()
 
@@ -179,7 +179,7 @@ def test_files_named_meta_that_are_not_m2ys_are_left_as_they_are(root: Path, ser
     before = {p: p.read_bytes() for p in (unity, capture)}
     result = run_send(root, server.port, home / "capture.meta.meta", capture, unity)
     assert result.returncode == 1
-    assert result.stdout.strip().splitlines()[0].startswith("capture.meta.meta: ACK"), result.stdout
+    assert result.stdout.strip().splitlines()[0].startswith(f"{home / 'capture.meta.meta'}: ACK"), result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and all(line.endswith("; not sent, left as it is") for line in lines), lines
     assert {p: p.read_bytes() for p in (unity, capture)} == before
@@ -201,7 +201,7 @@ def test_a_file_that_is_not_a_meta_is_refused_and_left_as_it_is(root: Path, serv
     wrong = run_send(root, server.port, data)
     assert wrong.returncode == 1
     assert wrong.stderr.strip().splitlines() == [
-        f"{data.name}: FAILED: {data} is not a .meta file: not sent, left as it is (only a .meta that 'm2y meta' "
+        f"{data}: FAILED: not a .meta file: not sent, left as it is (only a .meta that 'm2y meta' "
         f"wrote, or the .failed it became, is sent: {meta_path.name}?)"]
     assert data.read_bytes() == before and not data.with_name(data.name + ".failed").exists()
     assert sorted(p.name for p in data.parent.iterdir()) == sorted([data.name, meta_path.name])
@@ -211,11 +211,11 @@ def test_a_file_that_is_not_a_meta_is_refused_and_left_as_it_is(root: Path, serv
     done = meta_path.with_suffix(".done")
     rerun = run_send(root, server.port, meta_path)  # the same command again: the .meta is the .done now
     assert rerun.returncode == 0, rerun.stderr
-    assert rerun.stdout.strip().splitlines() == [f"{meta_path.name}: sent earlier: it is {done.name} now; nothing sent"]
+    assert rerun.stdout.strip().splitlines() == [f"{meta_path}: sent earlier: it is {done.name} now; nothing sent"]
     again = run_send(root, server.port, done)
     assert again.returncode == 1
     assert again.stderr.strip().splitlines() == [
-        f"{done.name}: FAILED: {done.name} was sent and ACKed already; to send its file again, run 'm2y meta' on "
+        f"{done}: FAILED: {done.name} was sent and ACKed already; to send its file again, run 'm2y meta' on "
         "the file and send the new .meta"]
     assert done.exists() and not done.with_name(done.name + ".done").exists()
 
@@ -229,7 +229,7 @@ def test_two_names_of_one_meta_are_both_answered(root: Path, server: ServerProce
     result = run_send(root, server.port, alias, meta_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("alias.meta: ACK") and "already holds" in lines[1], lines
+    assert len(lines) == 2 and lines[0].startswith(f"{alias}: ACK") and "already holds" in lines[1], lines
     assert meta_path.with_suffix(".done").exists() and alias.with_suffix(".done").is_symlink()
     assert target(root, meta.read_meta_file(meta_path.with_suffix(".done"))).read_bytes() == data.read_bytes()
 
@@ -262,7 +262,7 @@ def test_an_interrupted_send_says_how_to_go_on(root: Path) -> None:
     assert err.strip().splitlines() == ["m2y send: interrupted; a file not ACKed keeps its .meta (or .failed): send it "
                                         "again to go on where it stopped"], err
     assert meta_path.exists() and not meta_path.with_suffix(".failed").exists()
-    assert out.strip().splitlines() == ["earlier.meta: sent earlier: it is earlier.done now; nothing sent"], out
+    assert out.strip().splitlines() == [f"{earlier}: sent earlier: it is earlier.done now; nothing sent"], out
 
 
 def test_a_second_send_of_a_meta_being_sent_leaves_it_to_the_first(root: Path, server: ServerProcess) -> None:
@@ -281,7 +281,7 @@ def test_a_second_send_of_a_meta_being_sent_leaves_it_to_the_first(root: Path, s
                 second = run_send(root, server.port, meta_path, timeout=60)
                 assert second.returncode == 1 and second.stdout == "", second
                 assert second.stderr.strip().splitlines() == [
-                    "myfoto.meta: FAILED: another m2y send is sending myfoto.meta right now: left to it (it renames "
+                    f"{meta_path}: FAILED: another m2y send is sending myfoto.meta right now: left to it (it renames "
                     "it .done or .failed when it ends)"], second.stderr
                 assert meta_path.exists() and not meta_path.with_suffix(".failed").exists()
                 assert not list((root / "roland-frei").glob("photo/*.data"))  # nothing reached the server
@@ -320,7 +320,7 @@ def test_a_meta_that_became_failed_is_named(root: Path, server: ServerProcess) -
     result = run_send(root, server.port, meta_path)
     assert result.returncode == 1 and failed.exists()
     assert result.stderr.strip().splitlines() == [
-        f"{meta_path.name}: FAILED: {meta_path.name} is {failed.name} now (an earlier send did not finish): "
+        f"{meta_path}: FAILED: {meta_path.name} is {failed.name} now (an earlier send did not finish): "
         f"send {failed.name} to go on"]
 
 Answer = Callable[[bytes, bytes], bytes]  # (filekey, salt) -> the fake server's last words

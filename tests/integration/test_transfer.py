@@ -340,7 +340,7 @@ def test_progress_bar(root: Path, server: ServerProcess) -> None:
     frames = [f.strip() for f in shown.stderr.replace("\r", "\n").splitlines() if f.strip()]
     assert frames and frames[-1].startswith("myfoto.meta: 100%"), shown.stderr
     assert f"{size / 1e6:.2f}M/{size / 1e6:.2f}M" in frames[-1]
-    assert shown.stdout.startswith(f"myfoto.meta: ACK, {size} bytes")
+    assert shown.stdout.startswith(f"{meta_path}: ACK, {size} bytes")
     meta_path.with_suffix(".done").rename(meta_path)
     again = run_send(root, server.port, meta_path, extra=("--progress",))
     assert again.returncode == 0 and again.stderr == "", again.stderr  # nothing sent: no bar
@@ -522,8 +522,8 @@ def test_another_meta_under_a_kept_name_fails_at_once_and_says_what_to_do(root: 
     sent = run_send(root, server.port, other_meta)
     assert sent.returncode == 1 and time.monotonic() - started < 5, sent  # not retried
     assert sent.stderr.strip().splitlines() == [
-        f"other.meta: FAILED: server refused: photo/zhenqiang_{fields['datetime']}: the part of an interrupted send is "
-        "kept for a resend of the same .meta; another .meta under this name is refused until it expires (a new "
+        f"{other_meta}: FAILED: server refused: photo/zhenqiang_{fields['datetime']}: the part of an interrupted send "
+        "is kept for a resend of the same .meta; another .meta under this name is refused until it expires (a new "
         ".meta, from m2y meta, gives the file another name) -> other.failed"], sent.stderr
     assert wait_until(lambda: "REFUSED KEPT" in server.log()), server.log()
     again = run_send(root, server.port, meta_path)  # the kept part's own .meta still resumes
