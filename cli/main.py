@@ -249,7 +249,8 @@ def _write_meta(args: argparse.Namespace, home: Path, path: Path) -> tuple[Path,
     failed = out.with_suffix(".failed")
     try:
         earlier = meta.read_meta_file(failed) if failed.is_file() else None
-        unfinished = earlier is not None and all(earlier[k] == fields[k] for k in ("filename", "filesize", "fileCRC"))
+        unfinished = earlier is not None and all(earlier[k] == fields[k] for k in ("filename", "filesize", "fileCRC",
+                                                                                "from", "to", "folder"))
     except ConfigError:
         unfinished = False
     if unfinished:  # sending both would store the file twice, under two datetimes
@@ -355,7 +356,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             _say(r)
 
     def _say(r: Result) -> None:
-        where = f" -> {r.renamed_to.name}" if r.renamed_to else ""
+        where = (f" -> {r.renamed_to.name}" if r.renamed_to else "") + r.note
         if r.ok and r.earlier:
             print(one_line(f"{r.meta_path}: {r.message}"), flush=True)
         elif r.ok and r.already and r.retries:

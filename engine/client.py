@@ -102,6 +102,7 @@ class Result:
     retries: int = 0  # tries after the first
     resumable: bool = False  # failed for the connection or a busy server: sending the .failed later goes on
     earlier: bool = False  # not sent now: the .meta is already the .done of an earlier send
+    note: str = ""  # said after the file's line (its .meta was replaced while it was sent)
 
 
 def prepare(meta_path: Path, root: Path) -> Prepared:
@@ -257,7 +258,8 @@ def _refused(event: Event, p: Prepared) -> Refused:
                             "run 'm2y meta' again)",
     }
     if event.code == RefuseCode.UNKNOWN_RECIPIENT and "with hash" in event.reason:  # we know the name
-        hint[event.code] = f" (that is {to}: the server has no home with a usable private key for them)"
+        hint[event.code] = (f" (that is {to}: the server has no home with a usable private key for them; on the "
+                            f"server, 'm2y keygen {to}' makes one)")
     return Refused(f"server refused: {one_line(event.reason)}{hint.get(event.code, '')}", event.code)
 
 
@@ -513,14 +515,15 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
                 settled(held)
                 continue
             try:
-                settled(await _send(meta_path, pool))
+                settled(await _send(meta_path, pool, os.fstat(held) if held is not None else None))
             finally:
                 if held is not None:
                     os.close(held)  # releases the lock, after the .meta is renamed
         return results
 
-    async def _send(meta_path: Path, pool: WorkerPool | None) -> Result:
-        """One file, tried again as ``retryable`` allows, then renamed .done or .failed."""
+    async def _send(meta_path: Path, pool: WorkerPool | None, locked: os.stat_result | None) -> Result:
+        """One file, tried again as ``retryable`` allows, then renamed .done or .failed: the file
+        ``locked`` (by ``_hold``), not what may have taken its name meanwhile."""
         already, resumed_at, attempt, resumable = False, 0, 0, False
         ok, message, nbytes = False, "", 0  # each try sets them
         prepared: Prepared | None = None
@@ -560,6 +563,10 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
             break
         seconds = time.monotonic() - started
         renamed = None
+        if locked is not None and not _still(locked, meta_path):  # m2y meta could not wait for our lock
+            return Result(meta_path, ok, message, None, nbytes, seconds, already, resumed_at, attempt,
+                          note=f"; {meta_path.name} was replaced while it was sent: the new one is left as it "
+                               "is, not sent yet")
         if meta_path.is_file():
             suffix = ".done" if ok else ".failed"
             try:
@@ -584,10 +591,14 @@ def _hold(meta_path: Path) -> int | Result | None:
     that failed would rename it .failed under the one that got the ACK. Returns the descriptor that
     holds the lock; a Result if another send holds it, or renamed the .meta meanwhile; None where
     there is nothing to lock (``prepare`` says why it cannot read it) or the file system has no locks."""
-    try:
-        fd = os.open(meta_path, os.O_RDONLY | os.O_CLOEXEC)
+    flags = os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO named *.meta opens at once (prepare refuses it)
+    try:  # read-write where we may: an exclusive lock over NFS needs it
+        fd = os.open(meta_path, os.O_RDWR | flags)
     except OSError:
-        return None
+        try:
+            fd = os.open(meta_path, os.O_RDONLY | flags)
+        except OSError:
+            return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -603,8 +614,17 @@ def _hold(meta_path: Path) -> int | Result | None:
     if not same:
         os.close(fd)
         return _sent_or_failed_before(meta_path) or Result(
-            meta_path, False, f"{meta_path.name} was renamed by another m2y send as this one started: left to it")
+            meta_path, False, f"{meta_path.name} changed as this send started (another m2y send renamed it, or "
+                              "m2y meta replaced it): not sent; send it again")
     return fd
+
+
+def _still(locked: os.stat_result, path: Path) -> bool:
+    """``path`` is still the file ``locked`` was taken of."""
+    try:
+        return os.path.samestat(locked, os.stat(path))
+    except OSError:
+        return False
 
 
 def _sent_or_failed_before(meta_path: Path) -> Result | None:

@@ -33,6 +33,7 @@ _DATETIME = re.compile(r"[0-9]{2}-[0-9]{2}-[0-9]{4}_[0-9]{2}-[0-9]{2}-[0-9]{2}\Z
 U64_MAX = (1 << 64) - 1
 MAX_FOLDER_LEN = 1024
 MAX_FILENAME_LEN = 255
+MAX_META_FILE = 64 * 1024  # bytes: a .meta is a few hundred; anything far larger is not one
 KEY_FOLDERS = ("pubkey", "privatekey")  # a sender must not plant keys the recipient then trusts
 NONCE_FIELD = "nonce"  # request only: 16 random bytes (hex) the reply must echo
 RECEIVED_FIELD = "received"  # reply only: what the server already holds under this name
@@ -253,11 +254,23 @@ def make(
 def read_meta_file(path: Path) -> dict[str, Any]:
     """Read a .meta file; any problem is one ConfigError naming the file."""
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO named *.meta must not hang us
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such .meta file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MalformedMeta(f"{path}: not a regular file, so not a .meta")
+        if st.st_size > MAX_META_FILE:
+            raise MalformedMeta(f"{path}: {st.st_size} bytes, far more than a .meta ({MAX_META_FILE} at most)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_META_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     try:
         return parse(data)
     except RemoteProtocolError as exc:
@@ -300,13 +313,13 @@ def write_meta_file(path: Path, fields: Mapping[str, Any]) -> bool:
         except FileExistsError:
             if not _replaceable(path, fields):
                 return False
-            os.replace(tmp, path)
+            _replace_unless_sent(tmp, path)
         except OSError as exc:
             if exc.errno not in _NO_HARD_LINKS:
                 raise
             if path.exists() and not _replaceable(path, fields):  # FAT, some network file systems: no link
                 return False
-            os.replace(tmp, path)
+            _replace_unless_sent(tmp, path)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
@@ -315,11 +328,33 @@ def write_meta_file(path: Path, fields: Mapping[str, Any]) -> bool:
     return True
 
 
+def _replace_unless_sent(tmp: Path, path: Path) -> None:
+    """``os.replace(tmp, path)`` under the lock ``m2y send`` holds on a .meta it sends: replaced under
+    a send, the new .meta would be renamed .done (or .failed) by it when it ends, and never sent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # gone, or a symlink: the name alone is replaced
+        os.replace(tmp, path)
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{path} is being sent right now by m2y send; run 'm2y meta' again when that "
+                              "send has ended") from None
+        except OSError:  # no locks on this file system: as before
+            pass
+        os.replace(tmp, path)
+    finally:
+        os.close(fd)
+
+
 def _replaceable(path: Path, fields: Mapping[str, Any]) -> bool:
     """May the .meta at ``path`` give way to ``fields``? ConfigError if it must stay and be said."""
     filename = fields["filename"]
     try:
-        old = json.loads(path.read_bytes())
+        raw = path.read_bytes()
+        old = json.loads(raw)
         named = old.get("filename") if isinstance(old, dict) else None
     except (OSError, ValueError):
         named = None
@@ -328,10 +363,14 @@ def _replaceable(path: Path, fields: Mapping[str, Any]) -> bool:
                           f"rename one of them ({filename!r} or {named!r}) and run 'm2y meta' on it")
     if named != filename:
         raise ConfigError(f"{path} already exists and is not a .meta this command wrote; move it away first")
+    try:
+        parse(raw)
+    except RemoteProtocolError:  # ours, but damaged: no send can use it (m2y send says to make it again)
+        return True
     if any(old.get(k) != fields[k] for k in ("from", "to", "folder")):  # the same file, another send
-        raise ConfigError(f"{path} is the .meta of {filename!r} to {old.get('to')!r} (folder {old.get('folder')!r}), "
-                          f"not sent yet: send it first (it becomes .done), or move it away, then run 'm2y meta' "
-                          f"again")
+        raise ConfigError(f"{path} is the .meta of {filename!r} from {old.get('from')!r} to {old.get('to')!r} (folder "
+                          f"{old.get('folder')!r}), not sent yet: send it first (it becomes .done), or move it away, "
+                          "then run 'm2y meta' again")
     return bool(old.get("filesize") != fields["filesize"] or old.get("fileCRC") != fields["fileCRC"])
 
 

@@ -294,6 +294,33 @@ def test_a_second_send_of_a_meta_being_sent_leaves_it_to_the_first(root: Path, s
     assert target(root, meta.read_meta_file(meta_path.with_suffix(".done"))).read_bytes() == data.read_bytes()
 
 
+def test_a_meta_replaced_during_its_send_is_not_renamed_for_it(root: Path) -> None:
+    """A .meta put in place of one being sent (by hand, or where file locks do not work): the send's
+    .done or .failed would be the new .meta's, which was never sent. It is left as it is, and said."""
+    _, meta_path = make_file(root, 1000)
+    with socket.socket() as listener:  # a server that accepts and never answers: the try times out
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        proc = subprocess.Popen([*M2Y, "send", str(meta_path), "--root", str(root), "--port",
+                                 str(listener.getsockname()[1]), "--retries", "0", "--timeout", "2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                new = meta_path.with_name("new.tmp")
+                new.write_bytes(meta_path.read_bytes())
+                new.replace(meta_path)  # another file under the name now
+                _out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == [
+        f"{meta_path}: FAILED: server sent nothing for 2 s; myfoto.meta was replaced while it "
+        "was sent: the new one is left as it is, not sent yet"], err
+    assert meta_path.exists() and not meta_path.with_suffix(".failed").exists()
+
+
 @pytest.mark.parametrize("closed", [0, 1])
 def test_a_send_with_stdin_or_stdout_closed_ends_well(root: Path, server: ServerProcess, closed: int) -> None:
     """As a cron job or supervisor may start it: it used to send everything, then abort (exit 134, a

@@ -107,6 +107,11 @@ def test_meta_beside_an_unfinished_send_of_the_same_file_notes_it(root: Path) ->
     assert made.stderr.strip().splitlines() == [
         f"m2y meta: note: {failed} is an earlier send of {data.name} that did not finish; send it (it goes on where "
         f"it stopped) and remove {meta_path.name}, or send {meta_path.name} and remove it"]
+    meta_path.unlink()
+    to_mallory = subprocess.run([*M2Y, "meta", str(data), "--from", "zhenqiang", "--to", "mallory", "--folder", "photo",
+                                 "--root", str(root)], capture_output=True, text=True, timeout=30)
+    assert to_mallory.returncode == 0 and meta_path.exists(), to_mallory  # another send: both are to be sent
+    assert "is an earlier send" not in to_mallory.stderr, to_mallory.stderr
 
 
 def test_metas_made_within_a_second_get_distinct_names(root: Path, server: ServerProcess) -> None:
@@ -319,7 +324,8 @@ def test_a_home_that_is_a_symlink_is_said_at_start_and_not_served(root: Path) ->
         _, meta_path = make_file(root, 10)
         refused = run_send(root, srv.port, meta_path)
         assert refused.returncode == 1 and "no user with hash" in refused.stderr, refused.stderr
-        assert "(that is roland-frei: the server has no home with a usable private key for them)" in refused.stderr
+        assert ("(that is roland-frei: the server has no home with a usable private key for them; on the server, "
+                "'m2y keygen roland-frei' makes one)") in refused.stderr
     finally:
         assert srv.stop() == 0
     log = srv.log()
@@ -455,8 +461,8 @@ def test_meta_again_keeps_an_unsent_meta_and_refuses_another_recipient(root: Pat
                            timeout=60)
     assert other.returncode == 2 and other.stdout == "", other
     assert other.stderr.strip().splitlines()[-1] == (
-        f"m2y meta: {meta_path} is the .meta of 'myfoto.jpg' to 'roland-frei' (folder 'photo'), not sent yet: send it "
-        "first (it becomes .done), or move it away, then run 'm2y meta' again")
+        f"m2y meta: {meta_path} is the .meta of 'myfoto.jpg' from 'zhenqiang' to 'roland-frei' (folder 'photo'), not "
+        "sent yet: send it first (it becomes .done), or move it away, then run 'm2y meta' again")
     same = subprocess.run([*M2Y, "meta", str(data), "--to", "roland-frei", *base], capture_output=True, text=True,
                           timeout=60)
     assert same.returncode == 0 and same.stdout.startswith(f"kept {meta_path}: it is the .meta of this file"), same

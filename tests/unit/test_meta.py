@@ -688,8 +688,9 @@ def test_write_meta_file_keeps_an_unsent_meta_of_another_send_or_of_the_same(tmp
     meta.write_meta_file(out, to_bob)
     for other in (meta.make("zhenqiang", "carol", "t", "x.bin", 10, 7), meta.make("zhenqiang", "roland-frei",
                                                                                   "u", "x.bin", 10, 7)):
-        with pytest.raises(ConfigError, match=r"is the \.meta of 'x\.bin' to 'roland-frei' \(folder 't'\), not sent "
-                           r"yet: send it first \(it becomes \.done\), or move it away, then run 'm2y meta' again"):
+        with pytest.raises(ConfigError, match=r"is the \.meta of 'x\.bin' from 'zhenqiang' to 'roland-frei' \(folder "
+                           r"'t'\), not sent yet: send it first \(it becomes \.done\), or move it away, then run "
+                           r"'m2y meta' again"):
             meta.write_meta_file(out, other)
         assert meta.read_meta_file(out) == to_bob
     later = meta.make("zhenqiang", "roland-frei", "t", "x.bin", 10, 7)  # another datetime, the same file
@@ -710,3 +711,47 @@ def test_write_meta_file_takes_every_name_whose_meta_name_fits(tmp_path: Path) -
     assert len(out.name.encode()) == 251
     assert meta.write_meta_file(out, meta.make("zhenqiang", "roland-frei", "p", name, 1, 0)) is True
     assert meta.read_meta_file(out)["filename"] == name
+
+
+def test_write_meta_file_replaces_a_damaged_meta_of_the_same_file(tmp_path: Path) -> None:
+    """A .meta of the file whose metaCRC no longer holds (edited by hand): m2y send refuses it and says
+    to run m2y meta again, which must then replace it, not keep it."""
+    out = tmp_path / "x.meta"
+    fields = meta.make("zhenqiang", "roland-frei", "t", "x.bin", 10, 7, when=WHEN)
+    out.write_bytes(meta.to_json(dict(fields, metaCRC=fields["metaCRC"] ^ 1)))
+    again = meta.make("zhenqiang", "roland-frei", "t", "x.bin", 10, 7)
+    assert meta.write_meta_file(out, again) is True
+    assert meta.read_meta_file(out) == again
+
+
+def test_write_meta_file_waits_for_no_send_it_refuses_under_one(tmp_path: Path) -> None:
+    """m2y send holds a lock on the .meta it sends; replaced under it, the new .meta would be renamed
+    .done by that send when it ends, and never sent."""
+    import fcntl
+
+    out = tmp_path / "x.meta"
+    old = meta.make("zhenqiang", "roland-frei", "t", "x.bin", 10, 7, when=WHEN)
+    meta.write_meta_file(out, old)
+    changed = meta.make("zhenqiang", "roland-frei", "t", "x.bin", 11, 8)
+    with open(out, "rb") as sending:
+        fcntl.flock(sending, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match=r"x\.meta is being sent right now by m2y send; run 'm2y meta' again "
+                                              r"when that send has ended"):
+            meta.write_meta_file(out, changed)
+    assert meta.read_meta_file(out) == old
+    assert meta.write_meta_file(out, changed) is True  # once the send let go
+    assert meta.read_meta_file(out) == changed
+    assert [p.name for p in tmp_path.iterdir()] == ["x.meta"]
+
+
+def test_a_fifo_named_meta_is_refused_at_once(tmp_path: Path) -> None:
+    from engine.errors import MalformedMeta
+
+    fifo = tmp_path / "x.meta"
+    os.mkfifo(fifo)
+    with pytest.raises(MalformedMeta, match="not a regular file"):
+        meta.read_meta_file(fifo)
+    big = tmp_path / "big.meta"
+    big.write_bytes(b" " * (meta.MAX_META_FILE + 1))
+    with pytest.raises(MalformedMeta, match=r"far more than a \.meta"):
+        meta.read_meta_file(big)
