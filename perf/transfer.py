@@ -995,7 +995,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"exit 1 if median m2y/raw (m2y as printed) < FLOOR (default {DEFAULT_GATE})")
     ap.add_argument("--bits", type=int, default=3072, help="RSA key size for the two users (default 3072)")
     ap.add_argument("--no-scp", action="store_true", help="skip scp even where sshd exists")
-    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed m2y + raw round before round 1")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed m2y, raw and gcm round before round 1")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
@@ -1083,6 +1083,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gcm_raw_per_round": [ratio(r["gcm"]["mb_s"], r["raw"]["mb_s"]) for r in rounds],
     }
     print_report(med, ratios, args.rounds)
+    if server.workers:  # the gcm copy has one thread per end: like for like only where m2y runs inline
+        print(f"  note: m2y's server ran {server.workers} worker process(es) (the default on {info['usable_cpus']} "
+              "CPUs), the gcm copy one thread per end: m2y/gcm is then not what m2y adds above its cryptography")
     result: dict[str, Any] = {
         "machine": info,
         "config": {"size": size, "size_text": fmt_size(size), "rounds": args.rounds, "rsa_bits": args.bits,
