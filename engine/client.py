@@ -585,7 +585,7 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
     return results
 
 
-def _hold(meta_path: Path) -> int | Result | None:
+def _hold(meta_path: Path, tries: int = 3) -> int | Result | None:
     """Lock ``meta_path`` (flock) for the whole of its send, so that a second ``m2y send`` of it at the
     same time (another terminal, a cron job) leaves it alone instead of racing the first: the one
     that failed would rename it .failed under the one that got the ACK. Returns the descriptor that
@@ -607,16 +607,15 @@ def _hold(meta_path: Path) -> int | Result | None:
                                         "(it renames it .done or .failed when it ends)")
     except OSError:  # no locks here (some network file systems): unguarded, as before
         return fd
-    try:  # that other send may have ended, and renamed it, between our open and our lock
-        same = os.path.samestat(os.fstat(fd), os.stat(meta_path))
-    except OSError:
-        same = False
-    if not same:
-        os.close(fd)
-        return _sent_or_failed_before(meta_path) or Result(
-            meta_path, False, f"{meta_path.name} changed as this send started (another m2y send renamed it, or "
-                              "m2y meta replaced it): not sent; send it again")
-    return fd
+    if _still(os.fstat(fd), meta_path):
+        return fd
+    os.close(fd)  # between our open and our lock another send ended and renamed it, or m2y meta replaced it
+    if (after := _sent_or_failed_before(meta_path)) is not None:
+        return after
+    if tries > 1 and meta_path.exists():  # a new .meta under the name: that one is to be sent
+        return _hold(meta_path, tries - 1)
+    return Result(meta_path, False, f"{meta_path.name} kept changing as this send started (other m2y commands "
+                                    "at work on it): not sent; send it again")
 
 
 def _still(locked: os.stat_result, path: Path) -> bool:

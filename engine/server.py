@@ -88,7 +88,7 @@ def as_failure(exc: BaseException) -> M2YError:
     why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     name = exc.filename if isinstance(exc, OSError) else None
     if isinstance(name, (str, bytes)):  # which file or folder: its last part only, no server paths to the client
-        why += f": {one_line(os.path.basename(os.fsdecode(name)))}"
+        why += f": {one_line(os.path.basename(os.fsdecode(name).rstrip('/')) or os.fsdecode(name))}"
     return LocalProtocolError(f"server I/O error: {why}", RefuseCode.INTERNAL)
 
 
@@ -157,7 +157,9 @@ class KeyRing:
                     name = check_user(home.name)
                 except M2YError:
                     continue
-                if home.is_symlink():  # storage refuses to write through it: say so now, not per send
+                if not home.is_symlink():
+                    self._said.discard(home)  # a real folder (again): a symlink there later is said again
+                else:  # storage refuses to write through it: say so now, not per send
                     if home not in self._said:
                         self._said.add(home)
                         log.warning("skipping user %s: its home %s is a symbolic link, which m2y does not write "

@@ -141,3 +141,31 @@ def test_hold_when_another_send_renamed_the_meta_as_it_opened_it(tmp_path: Path,
     assert isinstance(held, client.Result)
     assert held.ok == (became == ".done"), held
     assert (f"it is a{became} now" if became == ".done" else "is a.failed now") in held.message, held.message
+
+
+def test_hold_takes_the_new_meta_that_replaced_the_one_it_opened(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """m2y meta replaced the .meta between our open and our lock: the new one is the one to send."""
+    import fcntl
+
+    from engine import client
+
+    meta_path = tmp_path / "a.meta"
+    meta_path.write_text("old")
+    real = fcntl.flock
+    replaced: list[bool] = []
+
+    def flock_after_a_replace(fd: int, op: int) -> None:
+        if not replaced:
+            replaced.append(True)
+            (tmp_path / "new").write_text("new")
+            (tmp_path / "new").replace(meta_path)
+        real(fd, op)
+
+    monkeypatch.setattr(client.fcntl, "flock", flock_after_a_replace)
+    held = client._hold(meta_path)
+    assert isinstance(held, int)
+    try:
+        assert os.path.samestat(os.fstat(held), os.stat(meta_path)) and os.read(held, 10) == b"new"
+    finally:
+        os.close(held)

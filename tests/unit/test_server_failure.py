@@ -15,3 +15,5 @@ def test_a_server_io_error_names_the_file_by_its_last_part_only() -> None:
     assert isinstance(denied, ProtocolError) and denied.code == RefuseCode.INTERNAL
     assert as_failure(OSError(errno.EFBIG, "File too large")).reason == "server I/O error: File too large"
     assert as_failure(OSError(errno.EIO, "I/O error", b"bad\nname")).reason == "server I/O error: I/O error: bad?name"
+    assert as_failure(OSError(errno.EACCES, "Permission denied", "/srv/m2y/bob/ro/")).reason == (
+        "server I/O error: Permission denied: ro")
