@@ -265,8 +265,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     root = _root(args)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"root {root} is a file, not a folder; give --root the folder that holds the users' homes")
     if not root.is_dir():
-        raise ConfigError(f"root {root} is not a folder; create users with 'm2y keygen USER --root {root}'")
+        raise ConfigError(f"root {root} does not exist; create users with 'm2y keygen USER --root {root}'")
     config = ServerConfig(
         root=root, host=args.host, port=int(_ranged(args, "port", 0, 65535)),
         max_envelope=int(_ranged(args, "max-meta", 1, MAX_MAX_ENVELOPE)),
@@ -389,7 +391,12 @@ def cmd_send(args: argparse.Namespace) -> int:
     finally:
         if bars is not None:
             bars.close()
-    return 0 if results and all(r.ok for r in results) else 1
+    failed = sum(not r.ok for r in results)
+    if failed and len(results) > 1:  # many files: the count, so that a failure among hundreds of lines is seen
+        with contextlib.suppress(OSError):
+            print(f"m2y send: {failed} of {len(results)} files not sent (each one's line says why); "
+                  f"{len(results) - failed} sent", file=sys.stderr)
+    return 0 if results and not failed else 1
 
 
 COMMANDS = {"keygen": cmd_keygen, "meta": cmd_meta, "serve": cmd_serve, "send": cmd_send}

@@ -447,11 +447,13 @@ class Connection:
             Kind.REFUSED: (REFUSE_CODE.size, REFUSE_CODE.size + MAX_REASON),
         }
         if kind not in limits:
-            raise RemoteProtocolError(f"server sent unknown message kind {kind}", RefuseCode.BAD_HEADER)
+            raise RemoteProtocolError(f"server sent unknown message kind {kind}: is this port an m2y server?",
+                                      RefuseCode.BAD_HEADER)
         low, high = limits[Kind(kind)]
         if not low <= length <= high:
             raise RemoteProtocolError(
-                f"server message kind {kind} has length {length}, outside {low}..{high}", RefuseCode.BAD_HEADER
+                f"server message kind {kind} has length {length}, outside {low}..{high}: is this port an m2y "
+                "server?", RefuseCode.BAD_HEADER
             )
         self._pending_kind = kind
         self._arm(length, self._parse_server_body)

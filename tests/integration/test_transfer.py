@@ -285,6 +285,18 @@ def test_sizes_are_exact_whole_bytes(root: Path, value: str, why: str) -> None:
     assert served.returncode == 2 and why in served.stderr, served.stderr
 
 
+def test_serve_on_a_root_that_is_a_file_or_missing_says_which(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for root, why in ((afile, f"root {afile} is a file, not a folder; give --root the folder that holds the "
+                              "users' homes"),
+                      (tmp_path / "none", f"root {tmp_path / 'none'} does not exist; create users with 'm2y keygen "
+                                          f"USER --root {tmp_path / 'none'}'")):
+        served = subprocess.run([*M2Y, "serve", "--root", str(root), "--port", "0"], capture_output=True, text=True,
+                                timeout=30)
+        assert served.returncode == 2 and served.stderr.strip() == f"m2y serve: {why}", served.stderr
+
+
 def test_a_replaced_recipient_key_is_used_without_a_restart(root: Path, server: ServerProcess) -> None:
     """``m2y keygen --force`` gives the recipient a new key pair while the server runs: the next send,
     sealed to the new public key, goes through (the server used to keep the old private key until

@@ -936,3 +936,14 @@ def test_resume_block_past_the_file_is_refused() -> None:
         client.set_filesize(3 * BLOCK, 4)
     with pytest.raises(LocalProtocolError, match="past the file"):
         Connection(Role.SERVER).set_filesize(3 * BLOCK, -1)
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.0 400 Bad request\r\n", b"\x00" * 7 + b"\x02" + b"\x7f" * 8])
+def test_an_answer_that_is_not_m2ys_asks_whether_the_port_is_an_m2y_server(answer: bytes) -> None:
+    """A web server's answer (or a length no m2y server sends) used to be 'unknown message kind
+    5206522089439126304', which told the user nothing they could act on."""
+    client = Connection(Role.CLIENT)
+    wire(client, Header(len(ENVELOPE), 1, 2), Envelope(ENVELOPE))
+    with pytest.raises(RemoteProtocolError, match=r"is this port an m2y server\?$"):
+        client.receive_data(answer)
+        drain(client)
