@@ -391,6 +391,8 @@ class _Session:
             else:
                 outcome = "ACK (server stopping)" if self.acked else "CANCELLED (server stopping)"
                 self.stop_cancelled = True
+                if not self.acked:  # say why, rather than a bare reset; BUSY, which every client tries again
+                    self._say_stopping()
                 raise
         except M2YError as exc:
             outcome = f"REFUSED INTERNAL: {exc.reason}"
@@ -411,6 +413,15 @@ class _Session:
             if self.incoming is not None and not self.incoming.done:
                 outcome += self._keep_or_abort(self.incoming)
             self._log(outcome)
+
+    def _say_stopping(self) -> None:
+        """A REFUSED BUSY to a transfer that this server's stop cuts short, in one non-blocking send (a
+        stop waits for nobody): its sender reads why and tries again, with what was kept."""
+        keeps = self.server.config.keep_partial > 0 and self.failure is None and self.written_crc is not None
+        written = self.written_crc[1] if keeps and self.written_crc is not None else 0
+        kept = f"the {written} bytes it received are kept for a resend; " if written else ""
+        with contextlib.suppress(OSError):
+            self.sock.send(refusal_bytes(int(RefuseCode.BUSY), f"server stopping: {kept}try again once it is back"))
 
     def _sender_may_resend(self, cancelled: bool) -> bool:
         """The transfer ends for no fault of its bytes: the sender went away (closed, reset, silent),

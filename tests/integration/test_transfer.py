@@ -214,6 +214,29 @@ def test_server_stops_cleanly(root: Path, sig: signal.Signals) -> None:
     assert "stopped" in srv.proc.stdout.read()
 
 
+def test_a_stop_tells_the_transfers_it_cuts_short_why(root: Path) -> None:
+    """A client mid-file when the server stops (SIGTERM, an upgrade) read only a reset; it now reads a
+    REFUSED BUSY that says what was kept, and tries again as for any BUSY."""
+    srv = start_server(root)
+    try:
+        data, meta_path = make_file(root, 6 * 2**20)
+        fields = meta.read_meta_file(meta_path)
+        hs = handshake(root, srv.port, fields)
+        hs.client.sendall(sealed_frames(hs.cipher, data.read_bytes())[: 5 * 16 * (BLOCK_SIZE + 16)])  # 5 of 6
+        part = target(root, fields, ".part")
+        assert wait_until(lambda: part.exists() and part.stat().st_size >= 2**20)
+        srv.proc.send_signal(signal.SIGTERM)  # the batches that arrived whole are written first
+        code, reason = hs.client.read_refusal()
+        hs.client.close()
+        assert srv.proc.wait(20) == 0
+    finally:
+        srv.stop()
+    assert code == RefuseCode.BUSY
+    kept = 5 * 2**20
+    assert reason == f"server stopping: the {kept} bytes it received are kept for a resend; try again once it is back"
+    assert f"CANCELLED (server stopping); kept {kept} B for a resend" in srv.log()
+
+
 def test_root_from_environment(root: Path, server: ServerProcess) -> None:
     data, meta_path = make_file(root, 12345)
     env = dict(os.environ, M2Y_ROOT=str(root))
