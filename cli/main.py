@@ -394,7 +394,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     failed = sum(not r.ok for r in results)
     if failed and len(results) > 1:  # many files: the count, so that a failure among hundreds of lines is seen
         with contextlib.suppress(OSError):
-            print(f"m2y send: {failed} of {len(results)} files not sent (each one's line says why); "
+            print(f"m2y send: {failed} of {len(results)} files failed (each one's line says why); "
                   f"{len(results) - failed} sent", file=sys.stderr)
     return 0 if results and not failed else 1
 

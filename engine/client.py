@@ -614,8 +614,8 @@ def _hold(meta_path: Path, tries: int = 3) -> int | Result | None:
         return after
     if tries > 1 and meta_path.exists():  # a new .meta under the name: that one is to be sent
         return _hold(meta_path, tries - 1)
-    return Result(meta_path, False, f"{meta_path.name} kept changing as this send started (other m2y commands "
-                                    "at work on it): not sent; send it again")
+    return Result(meta_path, False, f"{meta_path.name} changed as this send started (another m2y command at "
+                                    "work on it): not sent; send it again if it is still there")
 
 
 def _still(locked: os.stat_result, path: Path) -> bool:

@@ -203,8 +203,17 @@ class InlineRing:
 
 
 def _worker_main(pipe: Pipe) -> None:
-    """A worker: attach segments by name, process batches, answer with CRCs. Ends on EOF."""
+    """A worker: attach segments by name, process batches, answer with CRCs. Ends on EOF.
+
+    It ignores SIGINT and SIGTERM: a Ctrl-C reaches the whole foreground process group, and a
+    service manager's stop the whole cgroup. Had the workers died there, every transfer under way
+    would have failed (a worker died) and lost what it received, where a stop keeps it. The owner
+    ends them by closing their pipes (``WorkerPool.close``), and kills what lingers."""
+    import signal
     from multiprocessing.shared_memory import SharedMemory
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     segments: dict[str, tuple[SharedMemory, _SlotMemory]] = {}
     ciphers: dict[bytes, BlockCipher] = {}
@@ -256,9 +265,14 @@ class WorkerPool:
     def __init__(self, workers: int) -> None:
         if workers < 1:
             raise ValueError("a WorkerPool needs at least one worker; use InlineRing for 0")
+        import atexit
         import multiprocessing
+        import multiprocessing.util  # registers its exit handler now, so that ours (later) runs before it
 
         self._ctx = multiprocessing.get_context("spawn")  # no inherited sockets, loops or keys of the parent
+        # Before multiprocessing's own exit handler (atexit runs the last registered first): that one
+        # would wait without limit for workers that ignore its SIGTERM; closed pipes end them.
+        atexit.register(self.close)
         self._workers: list[_Worker] = []
         self._pending: dict[int, tuple[asyncio.Future[tuple[int, str | None, int]], _Worker]] = {}
         self._seq = 0
@@ -337,7 +351,8 @@ class WorkerPool:
     def close(self) -> None:
         for w in self._workers:
             if self._loop is not None:
-                self._loop.remove_reader(w.pipe.fileno())
+                with contextlib.suppress(RuntimeError, ValueError, OSError):  # a loop closed already (at exit)
+                    self._loop.remove_reader(w.pipe.fileno())
             w.pipe.close()
         for w in self._workers:
             w.process.join(2)

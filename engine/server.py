@@ -391,8 +391,6 @@ class _Session:
             else:
                 outcome = "ACK (server stopping)" if self.acked else "CANCELLED (server stopping)"
                 self.stop_cancelled = True
-                if not self.acked:  # say why, rather than a bare reset; BUSY, which every client tries again
-                    self._say_stopping()
                 raise
         except M2YError as exc:
             outcome = f"REFUSED INTERNAL: {exc.reason}"
@@ -410,18 +408,20 @@ class _Session:
             await self._refuse(RefuseCode.INTERNAL, "internal server error")
         finally:
             self._watchdog.cancel()
+            kept = None
             if self.incoming is not None and not self.incoming.done:
-                outcome += self._keep_or_abort(self.incoming)
+                kept = self._keep_or_abort(self.incoming)
+                outcome += f"; kept {kept} B for a resend" if kept is not None else ""
+            if self.stop_cancelled and not self.acked:  # say why, not a bare reset: BUSY, tried again by every client
+                self._say_stopping(kept)
             self._log(outcome)
 
-    def _say_stopping(self) -> None:
+    def _say_stopping(self, kept: int | None) -> None:
         """A REFUSED BUSY to a transfer that this server's stop cuts short, in one non-blocking send (a
-        stop waits for nobody): its sender reads why and tries again, with what was kept."""
-        keeps = self.server.config.keep_partial > 0 and self.failure is None and self.written_crc is not None
-        written = self.written_crc[1] if keeps and self.written_crc is not None else 0
-        kept = f"the {written} bytes it received are kept for a resend; " if written else ""
+        stop waits for nobody): its sender reads why, and what was ``kept``, and tries again."""
+        what = f"the {kept} bytes it received are kept for a resend; " if kept else ""
         with contextlib.suppress(OSError):
-            self.sock.send(refusal_bytes(int(RefuseCode.BUSY), f"server stopping: {kept}try again once it is back"))
+            self.sock.send(refusal_bytes(int(RefuseCode.BUSY), f"server stopping: {what}try again once it is back"))
 
     def _sender_may_resend(self, cancelled: bool) -> bool:
         """The transfer ends for no fault of its bytes: the sender went away (closed, reset, silent),
@@ -430,17 +430,18 @@ class _Session:
         stop = cancelled and self.server.stopping
         return (self.client_gone or self.timed_out or stop) and self.failure is None
 
-    def _keep_or_abort(self, incoming: Incoming) -> str:
+    def _keep_or_abort(self, incoming: Incoming) -> int | None:
         """A transfer that ended for no fault of its bytes (``_sender_may_resend``) after some batches
-        were written keeps what it received. Any other failure (a bad block or CRC, our disk) removes it."""
+        were written keeps what it received (returns how much). Any other failure (a bad block or CRC,
+        our disk) removes it."""
         if self._sender_may_resend(self.stop_cancelled) and self.written_crc is not None:
             if incoming.suspend(*self.written_crc):
                 # Its record (fsyncs) in a thread; a stop before it is done writes it in Storage.close.
                 self.loop.run_in_executor(None, self.server.storage.persist, incoming.key)
-                return f"; kept {incoming.written} B for a resend"
-            return ""
+                return incoming.written
+            return None
         incoming.abort()
-        return ""
+        return None
 
     def _idle(self) -> float:
         return self.server.config.idle_timeout

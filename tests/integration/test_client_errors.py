@@ -182,7 +182,7 @@ def test_files_named_meta_that_are_not_m2ys_are_left_as_they_are(root: Path, ser
     assert result.stdout.strip().splitlines()[0].startswith(f"{home / 'capture.meta.meta'}: ACK"), result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 3 and all(line.endswith("; not sent, left as it is") for line in lines[:2]), lines
-    assert lines[2] == "m2y send: 2 of 3 files not sent (each one's line says why); 1 sent"  # the count, last
+    assert lines[2] == "m2y send: 2 of 3 files failed (each one's line says why); 1 sent"  # the count, last
     assert {p: p.read_bytes() for p in (unity, capture)} == before
     assert sorted(p.name for p in home.iterdir()) == ["Player.cs.meta", "capture.meta", "capture.meta.done"]
 
@@ -479,7 +479,7 @@ def test_a_meta_that_cannot_be_renamed_is_reported_and_the_rest_still_sent(root:
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and "a.meta" in lines[0] and "ACKed" in lines[0] and "cannot become a.done" in lines[0]
-    assert lines[1] == "m2y send: 1 of 2 files not sent (each one's line says why); 1 sent"
+    assert lines[1] == "m2y send: 1 of 2 files failed (each one's line says why); 1 sent"
     assert f"a.done and {MAX_NUMBERED - 1} numbered names are taken; remove old ones" in lines[0]
     assert meta_a.exists()  # left as it was, beside the blockers
     assert meta_b.with_suffix(".done").exists() and "b.meta: ACK" in result.stdout

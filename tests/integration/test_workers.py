@@ -179,3 +179,47 @@ def test_a_bad_batch_found_while_draining_keeps_nothing(root: Path) -> None:
             assert target(root, fields).read_bytes() == data.read_bytes()
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signalled_to_the_whole_group_keeps_what_arrived(root: Path, sig: signal.Signals) -> None:
+    """Ctrl-C reaches the whole foreground process group, a service manager's stop the whole cgroup:
+    the workers got the signal too and died, so every transfer under way failed (a worker died) and
+    lost what it had received. They ignore it now; the server stops as if signalled alone."""
+    import subprocess
+
+    from .helpers import _LISTENING, M2Y
+
+    log = root.parent / "serve-group.log"
+    with open(log, "w") as err:
+        srv = subprocess.Popen([*M2Y, "serve", "--root", str(root), "--port", "0", "--workers", "1"],
+                               stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    send = None
+    try:
+        assert srv.stdout is not None
+        m = _LISTENING.search(srv.stdout.readline())
+        assert m, log.read_text()
+        _, meta_path = make_file(root, 256 * 2**20)
+        fields = meta.read_meta_file(meta_path)
+        send = subprocess.Popen([*M2Y, "send", str(meta_path), "--root", str(root), "--port", m.group(1),
+                                 "--retries", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        part = target(root, fields, ".part")
+        assert wait_until(lambda: part.exists() and part.stat().st_size >= 8 * 2**20, timeout=30)
+        workers = psutil.Process(srv.pid).children()
+        assert workers
+        os.killpg(srv.pid, sig)  # the server and its worker alike, mid-file
+        assert srv.wait(20) == 0, log.read_text()
+        _out, err_text = send.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(srv.pid, signal.SIGKILL)
+        srv.wait(10)
+        if send is not None:
+            send.kill()
+            send.wait(10)
+    text = log.read_text()
+    kept = re.search(r"CANCELLED \(server stopping\); kept (\d+) B for a resend", text)
+    assert kept and 8 * 2**20 <= int(kept.group(1)) < 256 * 2**20, text
+    assert "worker process died" not in text and "Traceback" not in text, text
+    assert f"server refused: server stopping: the {kept.group(1)} bytes it received are kept" in err_text, err_text
+    assert wait_until(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers))
