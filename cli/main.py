@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 SECONDS = " seconds"
 DAY = 86400
 MAX_MAX_ENVELOPE = 16 * 2**20  # bytes: the envelope is read whole, once per connection
+MIN_MAX_ENVELOPE = 4096  # bytes: an envelope under a 16384-bit key is ~2.5 KiB; less refuses every send
 MAX_MAX_CLIENTS = 10_000
 
 # Each command imports the engine parts it runs, inside its function: `m2y send` never loads
@@ -271,7 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"root {root} does not exist; create users with 'm2y keygen USER --root {root}'")
     config = ServerConfig(
         root=root, host=args.host, port=int(_ranged(args, "port", 0, 65535)),
-        max_envelope=int(_ranged(args, "max-meta", 1, MAX_MAX_ENVELOPE)),
+        max_envelope=int(_ranged(args, "max-meta", MIN_MAX_ENVELOPE, MAX_MAX_ENVELOPE)),
         max_file_size=int(_ranged(args, "max-file-size", 0, 2**64 - 1)),  # filesize is a u64 on the wire
         idle_timeout=float(_ranged(args, "idle-timeout", 0.1, DAY, SECONDS)),
         handshake_timeout=float(_ranged(args, "handshake-timeout", 0.1, DAY, SECONDS)),

@@ -425,7 +425,8 @@ class Connection:
         length, from_hash, to_hash = HEADER.unpack(raw)
         if not 1 <= length <= self.max_envelope:
             raise RemoteProtocolError(
-                f"metadata length {length} is outside 1..{self.max_envelope}", RefuseCode.BAD_HEADER
+                f"metadata length {length} is outside 1..{self.max_envelope} (the server's --max-meta)",
+                RefuseCode.BAD_HEADER
             )
         self._envelope_len = length
         return Header(length, from_hash, to_hash)

@@ -119,7 +119,7 @@ class KeyRing:
     re-read keys. A key file that does not load is skipped with a log line (once per version), not fatal.
     """
 
-    RESCAN = 5.0
+    RESCAN = 1.0  # s: a user made while the server runs is served from the next second on
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -753,7 +753,7 @@ def _peer_name(addr: Any) -> str:
 
 
 def serve(config: ServerConfig, on_listening: Any = None) -> None:
-    """Run a server until SIGINT or SIGTERM; ``on_listening(server)`` is called once bound."""
+    """Run a server until SIGINT, SIGTERM or SIGHUP; ``on_listening(server)`` is called once bound."""
     import uvloop
 
     lock_fd = lock_root(config.root)  # held until this process exits
@@ -779,7 +779,9 @@ def serve(config: ServerConfig, on_listening: Any = None) -> None:
         server.listen()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: the terminal or ssh session the server runs in closing must not be a crash,
+        # which loses what arrived since the last checkpoint.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         if on_listening is not None:
             on_listening(server)

@@ -205,7 +205,7 @@ def test_console_scripts(root: Path) -> None:
         assert proc.wait(10) == 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_server_stops_cleanly(root: Path, sig: signal.Signals) -> None:
     srv = start_server(root)
     srv.proc.send_signal(sig)
@@ -214,9 +214,11 @@ def test_server_stops_cleanly(root: Path, sig: signal.Signals) -> None:
     assert "stopped" in srv.proc.stdout.read()
 
 
-def test_a_stop_tells_the_transfers_it_cuts_short_why(root: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_tells_the_transfers_it_cuts_short_why(root: Path, sig: signal.Signals) -> None:
     """A client mid-file when the server stops (SIGTERM, an upgrade) read only a reset; it now reads a
-    REFUSED BUSY that says what was kept, and tries again as for any BUSY."""
+    REFUSED BUSY that says what was kept, and tries again as for any BUSY. SIGHUP (the terminal or
+    ssh session of the server closing) stops it alike: it was a crash, which kept nothing."""
     srv = start_server(root)
     try:
         data, meta_path = make_file(root, 6 * 2**20)
@@ -225,7 +227,7 @@ def test_a_stop_tells_the_transfers_it_cuts_short_why(root: Path) -> None:
         hs.client.sendall(sealed_frames(hs.cipher, data.read_bytes())[: 5 * 16 * (BLOCK_SIZE + 16)])  # 5 of 6
         part = target(root, fields, ".part")
         assert wait_until(lambda: part.exists() and part.stat().st_size >= 2**20)
-        srv.proc.send_signal(signal.SIGTERM)  # the batches that arrived whole are written first
+        srv.proc.send_signal(sig)  # the batches that arrived whole are written first
         code, reason = hs.client.read_refusal()
         hs.client.close()
         assert srv.proc.wait(20) == 0
@@ -290,6 +292,7 @@ def test_one_server_per_root(root: Path, server: ServerProcess) -> None:
     ("--checkpoint", "86401", "--checkpoint 86401 is out of range 0..86400 seconds"),
     ("--port", "99999", "--port 99999 is out of range 0..65535"),  # was a traceback (OverflowError)
     ("--max-clients", "0", "--max-clients 0 is out of range 1..10000"),  # was a traceback (ValueError)
+    ("--max-meta", "1", "--max-meta 1 is out of range 4096..16777216"),  # every send was refused
     ("--idle-timeout", "-5", "--idle-timeout -5 is out of range 0.1..86400 seconds"),
     ("--keep-partial", "nan", "--keep-partial nan is out of range 0..2592000 seconds"),
 ])
