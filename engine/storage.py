@@ -1068,11 +1068,11 @@ class Storage:
         over = [k for k in list(self._partial)[: max(len(self._partial) - len(old) - MAX_PARTIALS, 0)]
                 if k not in old]
         for k in old:  # said, or an operator told "waiting for a resend" never learns it went
-            log.info("%s.part: its %d B kept for a resend go: none came within %g s (--keep-partial)", one_line(k),
-                     self._partial[k].written, self.keep_partial)
+            log.info("%s.part: removed with the %d B kept for a resend: none came within %g s (--keep-partial)",
+                     one_line(k), self._partial[k].written, self.keep_partial)
         for k in over:
-            log.info("%s.part: its %d B kept for a resend go: the oldest of more than %d kept parts", one_line(k),
-                     self._partial[k].written, MAX_PARTIALS)
+            log.info("%s.part: removed with the %d B kept for a resend: the oldest of more than %d kept parts",
+                     one_line(k), self._partial[k].written, MAX_PARTIALS)
         return [self._partial.pop(k) for k in old + over]
 
     def release(self, incoming: Incoming) -> None:
