@@ -557,7 +557,8 @@ def send_files(metas: list[Path], root: Path, host: str, port: int,
                 ok, message, nbytes = False, exc.reason, 0
                 resumable = retryable(exc, attempt)  # not a server that was never there
                 if isinstance(exc, MalformedMeta):  # maybe not m2y's at all: not ours to rename
-                    return Result(meta_path, False, f"{exc.reason}; not sent, left as it is")
+                    reason = exc.reason.removeprefix(f"{meta_path}: ")  # the line starts with the path already
+                    return Result(meta_path, False, f"{reason}; not sent, left as it is")
             except OSError as exc:
                 ok, message, nbytes = False, f"I/O error: {exc.strerror or exc}", 0
             break

@@ -143,6 +143,7 @@ def _left_as_it_is(result: object, meta_path: Path, before: bytes, *words: str) 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{meta_path}: FAILED: "), result.stderr
     assert lines[0].endswith("; not sent, left as it is") and all(w in lines[0] for w in words), lines[0]
+    assert lines[0].count(str(meta_path)) == 1, lines[0]  # the path once, at the start
     assert meta_path.read_bytes() == before and not meta_path.with_suffix(".failed").exists()
 
 
