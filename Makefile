@@ -48,7 +48,7 @@ demo: install
 	$$M2Y serve --root "$$root" --port 0 > "$$log" 2>&1 & pid=$$!; \
 	trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null || true' EXIT; \
 	for i in $$(seq 100); do grep -q listening "$$log" && break; sleep 0.1; done; \
-	port=$$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$$log"); \
+	port=$$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' "$$log" | head -n 1); \
 	test -n "$$port" || { cat "$$log"; echo "demo: server did not start"; exit 1; }; \
 	echo "demo: server on 127.0.0.1:$$port"; \
 	$$M2Y send "$$root/zhenqiang/photo/myfoto.meta" --root "$$root" --port $$port; \
