@@ -590,25 +590,14 @@ def _hold(meta_path: Path, tries: int = 3) -> int | Result | None:
     """Lock ``meta_path`` (flock) for the whole of its send, so that a second ``m2y send`` of it at the
     same time (another terminal, a cron job) leaves it alone instead of racing the first: the one
     that failed would rename it .failed under the one that got the ACK. Returns the descriptor that
-    holds the lock; a Result if another send holds it, or renamed the .meta meanwhile; None where
-    there is nothing to lock (``prepare`` says why it cannot read it) or the file system has no locks."""
-    flags = os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO named *.meta opens at once (prepare refuses it)
-    try:  # read-write where we may: an exclusive lock over NFS needs it
-        fd = os.open(meta_path, os.O_RDWR | flags)
-    except OSError:
-        try:
-            fd = os.open(meta_path, os.O_RDONLY | flags)
-        except OSError:
-            return None
+    holds the lock (``meta.lock_meta``, which ``m2y meta`` takes too); a Result if another send holds
+    it, or renamed the .meta meanwhile; None where there is nothing to lock (``prepare`` says why)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = meta.lock_meta(meta_path)
     except BlockingIOError:
-        os.close(fd)
         return Result(meta_path, False, f"another m2y send is sending {meta_path.name} right now: left to it "
                                         "(it renames it .done or .failed when it ends)")
-    except OSError:  # no locks here (some network file systems): unguarded, as before
-        return fd
-    if _still(os.fstat(fd), meta_path):
+    if fd is None or _still(os.fstat(fd), meta_path):
         return fd
     os.close(fd)  # between our open and our lock another send ended and renamed it, or m2y meta replaced it
     if (after := _sent_or_failed_before(meta_path)) is not None:

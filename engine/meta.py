@@ -328,25 +328,43 @@ def write_meta_file(path: Path, fields: Mapping[str, Any]) -> bool:
     return True
 
 
+def lock_meta(path: Path, follow: bool = True) -> int | None:
+    """The lock ``m2y send`` holds on a .meta for the whole of its send, and ``m2y meta`` takes before it
+    replaces one: an exclusive flock, not waited for. Returns the descriptor that holds it (holding
+    nothing where the file system has no locks), None if the file cannot be opened; BlockingIOError
+    if another holds it. Read-write where we may (an exclusive flock over NFS needs it), and never
+    blocking on a FIFO named *.meta."""
+    flags = os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, os.O_RDWR | flags)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY | flags)
+        except OSError:
+            return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # no locks on this file system: unguarded, as before
+        pass
+    return fd
+
+
 def _replace_unless_sent(tmp: Path, path: Path) -> None:
     """``os.replace(tmp, path)`` under the lock ``m2y send`` holds on a .meta it sends: replaced under
     a send, the new .meta would be renamed .done (or .failed) by it when it ends, and never sent."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:  # gone, or a symlink: the name alone is replaced
-        os.replace(tmp, path)
-        return
+        fd = lock_meta(path, follow=False)  # a symlink: the name alone is replaced
+    except BlockingIOError:
+        raise ConfigError(f"{path} is being sent right now by m2y send; run 'm2y meta' again when that "
+                          "send has ended") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"{path} is being sent right now by m2y send; run 'm2y meta' again when that "
-                              "send has ended") from None
-        except OSError:  # no locks on this file system: as before
-            pass
         os.replace(tmp, path)
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _replaceable(path: Path, fields: Mapping[str, Any]) -> bool:
