@@ -287,6 +287,8 @@ def test_a_second_send_of_a_meta_being_sent_leaves_it_to_the_first(root: Path, s
                     "it .done or .failed when it ends)"], second.stderr
                 assert meta_path.exists() and not meta_path.with_suffix(".failed").exists()
                 assert not list((root / "roland-frei").glob("photo/*.data"))  # nothing reached the server
+                first.kill()  # while its connection is still open: a closed one would fail it, renamed .failed
+                first.wait(10)
         finally:
             first.kill()
             first.wait(10)
